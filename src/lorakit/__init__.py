@@ -1,0 +1,1 @@
+"""lorakit: Low-Rank Adaptation for transformer models."""
