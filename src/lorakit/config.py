@@ -1,0 +1,252 @@
+"""LoraConfig: PEFT's field names and defaults, validation, and the adapter_config.json form.
+
+Every field PEFT 0.21 writes to ``adapter_config.json`` exists here with PEFT's default, so a PEFT file
+loads and a file we write loads in PEFT. Fields for PEFT features lorakit does not implement are kept
+for the file format; setting them to a non-default value is an error that says so. Checks that need
+only the config run at construction; checks that need the model (which modules match) run in inject.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import LorakitError
+
+CONFIG_NAME = "adapter_config.json"
+ALL_LINEAR = "all-linear"
+_INIT_CHOICES = (True, False, "gaussian", "pissa")
+_TASK_TYPES = (None, "CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+# PEFT fields whose features lorakit does not implement: (name, value that means "off").
+_UNSUPPORTED_OFF = {
+    "megatron_config": None, "trainable_token_indices": None, "eva_config": None, "corda_config": None,
+    "lora_ga_config": None, "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False,
+    "monteclora_config": None, "layer_replication": None, "lora_bias": False, "target_parameters": None,
+    "use_bdlora": None, "arrow_config": None, "kasa_config": None, "runtime_config": None,
+}
+
+
+@dataclass(init=False)
+class LoraConfig:
+    """The configuration of one LoRA adapter, with PEFT's names and defaults.
+
+    scaling s = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora.
+    target_modules: a list (exact name or dotted suffix), a string (full-name regex) or "all-linear".
+    lora_fa (ours): freeze A after init and train only B (LoRA-FA); not written to adapter_config.json.
+    """
+
+    # PEFT bookkeeping
+    task_type: str | None = None
+    peft_type: str = "LORA"
+    auto_mapping: dict | None = None
+    peft_version: str | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = False
+    # the LoRA method
+    r: int = 8
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    lora_alpha: int | float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    init_lora_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    megatron_config: dict | None = None
+    megatron_core: str | None = "megatron.core"
+    trainable_token_indices: Any = None
+    loftq_config: dict = field(default_factory=dict)
+    eva_config: Any = None
+    corda_config: Any = None
+    lora_ga_config: Any = None
+    use_dora: bool = False
+    velora_config: Any = None
+    alora_invocation_tokens: Any = None
+    use_qalora: bool = False
+    qalora_group_size: int = 16
+    monteclora_config: Any = None
+    layer_replication: Any = None
+    runtime_config: Any = None
+    lora_bias: bool = False
+    target_parameters: Any = None
+    use_bdlora: Any = None
+    arrow_config: Any = None
+    kasa_config: Any = None
+    ensure_weight_tying: bool = False
+    # lorakit's own
+    lora_fa: bool = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        names = {f.name: f for f in dataclasses.fields(self)}
+        unknown = [k for k in kwargs if k not in names]
+        problems = [_unknown_field(k, names) for k in unknown]
+        for name, f in names.items():
+            if name in kwargs:
+                value = kwargs[name]
+            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                value = f.default_factory()  # type: ignore[misc]
+            else:
+                value = f.default
+            setattr(self, name, value)
+        self._normalise()
+        LorakitError.collect(problems + self.problems(), "Invalid LoraConfig:")
+
+    # -- validation ------------------------------------------------------------------------------------
+
+    def _normalise(self) -> None:
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.modules_to_save, (set, tuple)):
+            self.modules_to_save = list(self.modules_to_save)
+        if isinstance(self.task_type, str):
+            self.task_type = self.task_type.upper()
+
+    def problems(self) -> list[str]:
+        """Every problem the config has on its own (no model needed)."""
+        p = []
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            p.append(f"r must be a positive integer (got {self.r!r}); typical values are 8, 16 or 32")
+        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            p.append(f"lora_alpha must be > 0 (got {self.lora_alpha!r}); a common choice is 2*r")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+            p.append(f"lora_dropout must be in [0, 1) (got {self.lora_dropout!r})")
+        if self.bias not in ("none", "all", "lora_only"):
+            p.append(f"bias must be 'none', 'all' or 'lora_only' (got {self.bias!r})")
+        if self.target_modules is None:
+            p.append("target_modules is required: a list such as ['q_proj', 'v_proj'], a regex, or 'all-linear'")
+        elif isinstance(self.target_modules, str):
+            p += _regex_problem("target_modules", self.target_modules)
+        elif not self.target_modules:
+            p.append("target_modules is empty: name at least one module, or use 'all-linear'")
+        if isinstance(self.exclude_modules, str):
+            p += _regex_problem("exclude_modules", self.exclude_modules)
+        init = self.init_lora_weights
+        if not (init in _INIT_CHOICES or (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init))):
+            p.append(f"init_lora_weights must be one of True, False, 'gaussian', 'pissa', 'pissa_niter_K' "
+                     f"(got {init!r}); lorakit does not implement other PEFT initialisations")
+        if self.task_type not in _TASK_TYPES:
+            p.append(f"task_type {self.task_type!r} is unknown; use one of {[t for t in _TASK_TYPES if t]}")
+        for key, pattern_name in ((k, "rank_pattern") for k in self.rank_pattern):
+            value = self.rank_pattern[key]
+            if not isinstance(value, int) or value <= 0:
+                p.append(f"{pattern_name}[{key!r}] must be a positive integer (got {value!r})")
+        for key, value in self.alpha_pattern.items():
+            if not isinstance(value, (int, float)) or value <= 0:
+                p.append(f"alpha_pattern[{key!r}] must be > 0 (got {value!r})")
+        if self.loftq_config:
+            p.append("loftq_config is set, but lorakit does not implement LoftQ; remove it")
+        for name, off in _UNSUPPORTED_OFF.items():
+            if getattr(self, name) not in (off, {}, [], None if off is None else off):
+                p.append(f"{name}={getattr(self, name)!r}: this PEFT feature is not implemented by lorakit; "
+                         f"leave it at {off!r}")
+        if self.use_dora and self.lora_fa:
+            p.append("use_dora and lora_fa cannot be combined; choose one variant")
+        return p
+
+    # -- per-module values ---------------------------------------------------------------------------
+
+    def rank_for(self, module_name: str) -> int:
+        """r for this module: the first rank_pattern key that matches its name's end, else r."""
+        return self.rank_pattern.get(pattern_key(self.rank_pattern, module_name), self.r)
+
+    def alpha_for(self, module_name: str) -> float:
+        return self.alpha_pattern.get(pattern_key(self.alpha_pattern, module_name), self.lora_alpha)
+
+    def scaling_for(self, module_name: str) -> float:
+        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    # -- the file form -------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        """PEFT's adapter_config.json content (lorakit's own fields left out)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "lora_fa"}
+        d["inference_mode"] = True  # PEFT writes saved adapters in inference mode
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "LoraConfig":
+        """Build from a PEFT adapter_config.json dict. Unknown keys from newer PEFT versions are ignored
+        when they hold an 'off' value (null, false, empty), and are an error otherwise."""
+        if d.get("peft_type", "LORA") != "LORA":
+            raise LorakitError(f"{source}: peft_type is {d.get('peft_type')!r}; lorakit loads only LoRA adapters")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs, problems = {}, []
+        for k, v in d.items():
+            if k in names:
+                kwargs[k] = v
+            elif v not in (None, False, {}, [], ""):
+                problems.append(f"{source}: field {k!r}={v!r} is not understood by lorakit")
+        LorakitError.collect(problems)
+        try:
+            return cls(**kwargs)
+        except LorakitError as e:
+            raise LorakitError(f"{source}: {e}") from None
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / CONFIG_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True, default=_json_default) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "LoraConfig":
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise LorakitError(f"{path} not found: an adapter folder holds {CONFIG_NAME} and "
+                               "adapter_model.safetensors (saved by lorakit or PEFT)")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise LorakitError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        return cls.from_dict(d, source=str(path))
+
+    def replace(self, **changes: Any) -> "LoraConfig":
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d.update(changes)
+        return LoraConfig(**d)
+
+
+def pattern_key(patterns: dict, module_name: str) -> str:
+    """PEFT's rule: the first key k with re.match(rf'(.*\\.)?({k})$', name); else the name itself."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return module_name
+
+
+def _unknown_field(name: str, known: dict) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown field {name!r}{hint}"
+
+
+def _regex_problem(field_name: str, pattern: str) -> list[str]:
+    if pattern == ALL_LINEAR:
+        return []
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        return [f"{field_name} {pattern!r} is not a valid regular expression ({e})"]
+    return []
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, set):
+        return sorted(obj)
+    warnings.warn(f"adapter_config.json: {type(obj).__name__} written as a string")
+    return str(obj)

@@ -1,0 +1,247 @@
+"""The LoRA layer: h = base(x) + s · B(A(dropout(x))), with merge and unmerge.
+
+One class wraps any supported base layer without changing it (composition): nn.Linear, GPT-2's
+Conv1D (weight stored (in, out), "fan_in_fan_out") and nn.Embedding; quantized bases come through
+quant.py. Per adapter name it holds A (r, in), B (out, r), the scaling s and a dropout; DoRA adds a
+magnitude vector m (out,) and its math lives in variants.py.
+
+Numerics follow PEFT exactly (same op order, same init RNG consumption), so with equal weights the
+outputs agree to float rounding. For nn.Embedding PEFT's convention holds: A (r, num_embeddings) is
+the zero-initialised factor and B (dim, r) the random one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import variants
+from .errors import LorakitError
+
+SUPPORTED = "nn.Linear, transformers' Conv1D, nn.Embedding, bitsandbytes Linear4bit/Linear8bitLt"
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """'linear' | 'conv1d' | 'embedding' for a wrappable module, else None."""
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return "conv1d"
+    if isinstance(module, nn.Linear):  # includes bitsandbytes' Linear4bit / Linear8bitLt
+        return "linear"
+    return None
+
+
+def base_weight(base: nn.Module) -> torch.Tensor:
+    """The base weight as a dense tensor in its stored layout (dequantized if quantized)."""
+    if hasattr(base.weight, "quant_state") or hasattr(base.weight, "SCB") or type(base).__name__ == "Linear8bitLt":
+        from .quant import dequantize_weight
+        return dequantize_weight(base)
+    return base.weight
+
+
+class LoraLayer(nn.Module):
+    """A frozen base layer plus any number of named low-rank adapters."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        kind = layer_kind(base_layer)
+        if kind is None:
+            raise LorakitError(f"cannot add LoRA to {type(base_layer).__name__}; supported: {SUPPORTED}")
+        self.base_layer = base_layer
+        self.kind = kind
+        if kind == "embedding":
+            self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
+        elif kind == "conv1d":
+            self.in_features, self.out_features = base_layer.weight.shape  # Conv1D stores (in, out)
+        else:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.lora_A = nn.ParameterDict()  # name -> (r, in)
+        self.lora_B = nn.ParameterDict()  # name -> (out, r)
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA: name -> (out,)
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self._dora_cache: dict[str, tuple] = {}
+        self._merge_factor: dict[str, torch.Tensor] = {}  # DoRA: m/||W+ΔW|| used at merge, for unmerge
+
+    # -- adapters ------------------------------------------------------------------------------------
+
+    def add(self, name: str, r: int, scaling: float, dropout: float = 0.0, init: bool | str = True,
+            dora: bool = False) -> None:
+        """Create adapter `name`. RNG use mirrors PEFT so the same seed gives the same weights."""
+        if dora and self.kind == "embedding":
+            raise LorakitError("DoRA on nn.Embedding is not supported by lorakit; leave the embedding out of "
+                               "target_modules or set use_dora=False")
+        dev, dtype = self._param_device_dtype()
+        A, B = torch.empty(r, self.in_features), torch.empty(self.out_features, r)
+        if self.kind == "embedding":  # PEFT: randn, then zeros(A) / normal(B)
+            A.normal_(), B.normal_()
+        else:  # PEFT: nn.Linear(in, r) and nn.Linear(r, out) draw their default init first
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5)), nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+        self.lora_A[name], self.lora_B[name] = nn.Parameter(A), nn.Parameter(B)
+        self.r[name], self.scaling[name] = r, scaling
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if isinstance(init, str) and init.startswith("pissa"):
+            self._pissa_init(name, init)
+        elif init is not False:
+            self._reset(name, init)
+        self.lora_A[name].data = self.lora_A[name].data.to(dev, dtype)
+        self.lora_B[name].data = self.lora_B[name].data.to(dev, dtype)
+        if dora:
+            m = variants.dora_weight_norm(self.dense_weight(), self.lora_A[name], self.lora_B[name], scaling)
+            self.lora_magnitude_vector[name] = nn.Parameter(m.detach().clone())
+
+    def _reset(self, name: str, init: bool | str) -> None:
+        A, B = self.lora_A[name], self.lora_B[name]
+        if self.kind == "embedding":
+            nn.init.zeros_(A), nn.init.normal_(B)
+        elif init is True:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5)), nn.init.zeros_(B)
+        else:  # "gaussian": std 1/r, as PEFT
+            nn.init.normal_(A, std=1 / self.r[name]), nn.init.zeros_(B)
+
+    @torch.no_grad()
+    def _pissa_init(self, name: str, init: str) -> None:
+        """PiSSA: A, B from the top-r singular triplets of W; the base keeps the residual W - s·BA."""
+        if self.kind == "embedding":
+            raise LorakitError("init_lora_weights='pissa' is supported for linear layers only")
+        W = self.dense_weight().float()  # (out, in)
+        r, s = self.r[name], self.scaling[name]
+        if init == "pissa":
+            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+            U, S, Vh = U[:, :r], S[:r], Vh[:r]
+        else:
+            U, S, V = torch.svd_lowrank(W, q=r, niter=int(init.rsplit("_", 1)[1]))
+            Vh = V.T
+        S = S / s
+        self.lora_A[name].data = (torch.diag(S.sqrt()) @ Vh).contiguous()
+        self.lora_B[name].data = (U @ torch.diag(S.sqrt())).contiguous()
+        residual = W - s * self.lora_B[name] @ self.lora_A[name]
+        self._set_dense_weight(residual)
+
+    def delete(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise LorakitError(f"adapter {name!r} is merged; unmerge it before deleting")
+        for store in (self.lora_A, self.lora_B, self.lora_magnitude_vector, self.lora_dropout):
+            store.pop(name, None)
+        for store in (self.r, self.scaling, self._dora_cache, self._merge_factor):
+            store.pop(name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    # -- the math --------------------------------------------------------------------------------------
+
+    def dense_weight(self) -> torch.Tensor:
+        """W0 as (out, in) for linear/conv1d, (num_embeddings, dim) for embedding."""
+        W = base_weight(self.base_layer)
+        return W.T if self.kind == "conv1d" else W
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s·B·A in the layout of dense_weight(); computed in fp32 on CPU for half-precision adapters."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        low_cpu = A.device.type == "cpu" and A.dtype in (torch.float16, torch.bfloat16)
+        if low_cpu:
+            A, B = A.float(), B.float()
+        delta = B @ A * self.scaling[name]  # (out, in)
+        if self.kind == "embedding":
+            delta = delta.T  # (num_embeddings, dim)
+        return delta.to(self.lora_A[name].dtype) if low_cpu else delta
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        rows = _current_rows()
+        if rows is not None:
+            from .routing import mixed_forward
+            return mixed_forward(self, x, result, rows)
+        out_dtype = result.dtype
+        for name in self.active_adapters:
+            if name in self.merged_adapters or name not in self.lora_A:
+                continue
+            result = result + self._adapter_output(name, x, result)
+        return result.to(out_dtype)
+
+    def _adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """What adapter `name` adds to the base output for input x."""
+        A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
+        if self.kind == "embedding":
+            after_A = self._embed(x, A.T)  # (..., r)
+            return (after_A @ B.T) * s
+        x = x.to(A.dtype)
+        dropout = self.lora_dropout[name]
+        if name in self.lora_magnitude_vector:
+            return variants.dora_output(self, name, x, result, dropout)
+        return F.linear(F.linear(dropout(x), A), B) * s
+
+    def _embed(self, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        b = self.base_layer
+        return F.embedding(ids, weight, padding_idx=b.padding_idx, max_norm=b.max_norm,
+                           norm_type=b.norm_type, scale_grad_by_freq=b.scale_grad_by_freq, sparse=b.sparse)
+
+    # -- merge -----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def merge(self, names: list[str] | None = None, safe: bool = False) -> None:
+        """Fold adapters into the base weight: W <- W + s·BA (DoRA: W <- m/||W+s·BA|| · (W+s·BA))."""
+        for name in names if names is not None else self.active_adapters:
+            if name in self.merged_adapters or name not in self.lora_A:
+                continue
+            W = self.dense_weight()
+            if name in self.lora_magnitude_vector:
+                new_W, factor = variants.dora_merged_weight(self, name, W)
+                self._merge_factor[name] = factor
+            else:
+                new_W = W + self.delta_weight(name).to(W.dtype)
+            if safe and not torch.isfinite(new_W).all():
+                raise LorakitError(f"merging adapter {name!r} would put NaN/Inf into {self._label()}; "
+                                   "the adapter weights are broken (check training for divergence)")
+            self._set_dense_weight(new_W)
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo merges in reverse order; restores W0 up to float rounding."""
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            W = self.dense_weight()
+            if name in self._merge_factor:
+                W = W / self._merge_factor.pop(name).view(-1, 1) - self.delta_weight(name).to(W.dtype)
+            else:
+                W = W - self.delta_weight(name).to(W.dtype)
+            self._set_dense_weight(W)
+
+    def _set_dense_weight(self, W: torch.Tensor) -> None:
+        if hasattr(self.base_layer.weight, "quant_state") or type(self.base_layer).__name__ == "Linear8bitLt":
+            from .quant import requantize_weight
+            requantize_weight(self.base_layer, W)
+            return
+        target = self.base_layer.weight
+        target.data.copy_(W.T if self.kind == "conv1d" else W)
+        self._dora_cache.clear()
+
+    def _param_device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        W = self.base_layer.weight
+        dtype = W.dtype if W.dtype.is_floating_point else torch.float32  # quantized bases: fp32 adapters
+        return W.device, dtype
+
+    def _label(self) -> str:
+        return f"{type(self.base_layer).__name__}({self.in_features}->{self.out_features})"
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(f"{n}: r={self.r[n]}, s={self.scaling[n]:g}" for n in self.lora_A)
+        return f"kind={self.kind}, adapters=[{adapters}], active={self.active_adapters}"
+
+
+# Per-row adapter routing for mixed batches is set by routing.py for the duration of one forward.
+_ROWS: list = [None]
+
+
+def _current_rows():
+    return _ROWS[0]
