@@ -13,7 +13,7 @@ from typing import Iterator
 
 from torch import nn
 
-from .config import LoraConfig
+from .config import ALL_LINEAR, LoraConfig
 from .errors import LorakitError
 from .inject import ModulesToSave, find_targets, unwrap, wrap, wrap_modules_to_save
 from .layers import LoraLayer
@@ -57,6 +57,8 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", act
     if not isinstance(config, LoraConfig):
         raise LorakitError(f"expected a lorakit LoraConfig, got {type(config).__name__}")
     targets = find_targets(model, config)
+    if config.target_modules == ALL_LINEAR:  # PEFT records the expanded module names
+        config = config.replace(target_modules=sorted(targets))
     if any(layer_kind_name(model, t) == "conv1d" for t in targets) and not config.fan_in_fan_out:
         config = config.replace(fan_in_fan_out=True)  # as PEFT does for GPT-2's Conv1D
     for target in targets:

@@ -87,20 +87,22 @@ def adapter_state_dict(model: nn.Module, name: str = "default", save_embedding_l
     elif config.bias == "lora_only":
         out.update({f"{n}.base_layer.bias": layer.base_layer.bias for n, layer in adapters.lora_layers(model)
                     if getattr(layer.base_layer, "bias", None) is not None})
-    if save_embedding_layers is True or (save_embedding_layers == "auto" and _embedding_targeted(model, config)):
-        out.update(_embedding_base_weights(model, state))
+    targeted = _embedding_targeted(model, config)
+    if save_embedding_layers is True or (save_embedding_layers == "auto" and targeted):
+        out.update(_embedding_base_weights(model, state, only_wrapped=targeted))
     return {prefix + k: v.detach().contiguous() for k, v in out.items()}
 
 
-def _embedding_base_weights(model: nn.Module, state: dict) -> dict:
+def _embedding_base_weights(model: nn.Module, state: dict, only_wrapped: bool) -> dict:
+    """Input/output embedding weights (PEFT: when embeddings are targeted, only LoRA-wrapped ones)."""
     found = {}
     for getter in ("get_input_embeddings", "get_output_embeddings"):
         module = getattr(model, getter, lambda: None)()
-        for n, mod in model.named_modules():
-            if module is not None and (mod is module or getattr(mod, "base_layer", None) is module):
-                found.update({k: v for k, v in state.items() if k.startswith(f"{n}.")
-                              and ".lora_" not in k})
-                break
+        if module is None or (only_wrapped and not hasattr(module, "base_layer")):
+            continue
+        name = next((n for n, m in model.named_modules() if m is module), None)
+        if name:
+            found.update({k: v for k, v in state.items() if k.startswith(f"{name}.") and ".lora_" not in k})
     return found
 
 

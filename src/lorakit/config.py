@@ -133,6 +133,11 @@ class LoraConfig:
             p += _regex_problem("target_modules", self.target_modules)
         elif not self.target_modules:
             p.append("target_modules is empty: name at least one module, or use 'all-linear'")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            p.append("layers_to_transform cannot be used with a regex target_modules; put the layer index in "
+                     "the regex (e.g. r'.*layers\\.1\\..*q_proj') or give target_modules as a list")
+        if self.layers_pattern and self.layers_to_transform is None:
+            p.append("layers_pattern is only used with layers_to_transform; set layers_to_transform too")
         if isinstance(self.exclude_modules, str):
             p += _regex_problem("exclude_modules", self.exclude_modules)
         init = self.init_lora_weights
@@ -175,7 +180,9 @@ class LoraConfig:
 
     def to_dict(self) -> dict:
         """PEFT's adapter_config.json content (lorakit's own fields left out)."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "lora_fa"}
+        # runtime_config is runtime-only in PEFT and never written; lora_fa is ours
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+             if f.name not in ("lora_fa", "runtime_config")}
         d["inference_mode"] = True  # PEFT writes saved adapters in inference mode
         return d
 

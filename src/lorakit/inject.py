@@ -165,7 +165,8 @@ def wrap_modules_to_save(model: nn.Module, config: LoraConfig, adapter: str) -> 
                  and ".modules_to_save." not in n and ".original_module" not in n]
         wrappers = [n for n, m in model.named_modules()
                     if isinstance(m, ModulesToSave) and re.match(rf"(^|.*\.){wanted}$", n)]
-        if not names and not wrappers:
+        optional_head = config.task_type in ("SEQ_CLS", "TOKEN_CLS") and wanted in ("classifier", "score")
+        if not names and not wrappers and not optional_head:
             problems.append(f"modules_to_save entry {wanted!r} matches no module")
         for name in names:
             parent, child = _parent(model, name)

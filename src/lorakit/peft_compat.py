@@ -22,6 +22,10 @@ from .config import LoraConfig
 from .errors import LorakitError
 
 
+CLASSIFIER_TASKS = ("SEQ_CLS", "TOKEN_CLS")
+CLASSIFIER_HEADS = ("classifier", "score")  # PEFT adds these to modules_to_save for those tasks
+
+
 class LoraModel(nn.Module):
     """PEFT's middle layer: holds the transformers model as `.model`."""
 
@@ -167,6 +171,9 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     """Wrap `model` with a new LoRA adapter (PEFT's entry point)."""
     if kwargs.get("mixed"):
         raise LorakitError("mixed=True (PeftMixedModel) is not supported; lorakit adapters are all LoRA")
+    if peft_config.task_type in CLASSIFIER_TASKS:  # PEFT trains the task head too
+        extra = [h for h in CLASSIFIER_HEADS if h not in (peft_config.modules_to_save or [])]
+        peft_config = peft_config.replace(modules_to_save=list(peft_config.modules_to_save or []) + extra)
     return PeftModel(model, peft_config, adapter_name)
 
 
