@@ -154,7 +154,11 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default",
     config, tensors = read_adapter(directory)
     init_config = config.replace(init_lora_weights=False, inference_mode=not is_trainable)
     state = _strip_prefix(tensors)
-    adapters.add_adapter(model, init_config, name, activate=activate)
+    try:
+        adapters.add_adapter(model, init_config, name, activate=activate)
+    except LorakitError as e:
+        raise LorakitError(f"the adapter in {directory} does not fit this model (was it trained on another base "
+                           f"model? it names {config.base_model_name_or_path!r}):\n{e}") from None
     try:
         _copy_in(model, state, name, str(Path(directory) / WEIGHTS_NAME))
     except LorakitError:

@@ -71,7 +71,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     saved = config.modules_to_save or []
     found, problems = [], []
     for name, mod in model.named_modules():
-        if isinstance(mod, (LoraLayer, ModulesToSave)) or ".base_layer" in name or ".lora_" in name:
+        if isinstance(mod, ModulesToSave) or _inside_wrapper(name):
             continue
         if config.exclude_modules and _matches(config.exclude_modules, name):
             continue
@@ -79,7 +79,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             continue
         if not _matches(spec, name) or not _layer_index_ok(config, name):
             continue
-        if layer_kind(mod) is None:
+        if layer_kind(mod) is None and not isinstance(mod, LoraLayer):
             problems.append(f"module {name!r} ({type(mod).__name__}) matches target_modules but is not a "
                             f"supported layer type; target its linear sub-layers instead")
             continue
@@ -91,8 +91,15 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     return found
 
 
+def _inside_wrapper(name: str) -> bool:
+    """Modules inside a LoraLayer / ModulesToSave (base_layer, lora_*, copies) are never targets."""
+    parts = name.split(".")
+    return any(p in ("base_layer", "original_module", "modules_to_save") or p.startswith("lora_") for p in parts)
+
+
 def _no_match_message(model: nn.Module, spec) -> str:
-    leaf_names = sorted({n.split(".")[-1] for n, m in model.named_modules() if layer_kind(m)})
+    leaf_names = sorted({n.split(".")[-1] for n, m in model.named_modules()
+                         if (layer_kind(m) or isinstance(m, LoraLayer)) and not _inside_wrapper(n)})
     wanted = [spec] if isinstance(spec, str) else list(spec)
     close = sorted({c for w in wanted for c in difflib.get_close_matches(w.split(".")[-1], leaf_names, n=3)})
     hint = f" Closest module names: {close}." if close else ""

@@ -130,7 +130,8 @@ class LoraLayer(nn.Module):
         if name in self.merged_adapters:
             raise LorakitError(f"adapter {name!r} is merged; unmerge it before deleting")
         for store in (self.lora_A, self.lora_B, self.lora_magnitude_vector, self.lora_dropout):
-            store.pop(name, None)
+            if name in store:
+                del store[name]
         for store in (self.r, self.scaling, self._dora_cache, self._merge_factor):
             store.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
