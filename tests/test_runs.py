@@ -39,11 +39,12 @@ def _write(tmp_path, text, name="run.yaml"):
 
 
 def test_precedence_defaults_file_command_line(tmp_path):
-    cfg = load_run(_write(tmp_path, ONE), overrides=["train.max_steps=99", "lora.dropout=0.1"])
+    cfg = load_run(_write(tmp_path, ONE), overrides=["train.max_steps=99", "lora.dropout=0.1",
+                                                     "train.learning_rate=2e-3"])
     assert cfg.model == "my-model" and cfg.lora.r == 8  # file
     assert cfg.train.max_steps == 99 and cfg.lora.dropout == 0.1  # command line wins
     assert cfg.train.batch_size == 8 and cfg.lora.alpha == 32  # defaults
-    assert cfg.train.learning_rate == 1e-3
+    assert cfg.train.learning_rate == 2e-3  # 2e-3 is a float, not YAML 1.1's string
 
 
 def test_named_runs_share_defaults(tmp_path):

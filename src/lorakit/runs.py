@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,21 @@ class RunConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads 1e-3 as a string; users mean a float (a learning rate), so read it as one."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+"
+               r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 SECTIONS = {"data": DataSection, "lora": LoraSection, "train": TrainSection}
 TOP_KEYS = {"model", "output_dir", "name"} | set(SECTIONS)
 VARIANTS = ("lora", "dora", "lora_fa")
@@ -114,8 +130,8 @@ def _read_yaml(path: Path) -> tuple[dict, dict]:
         raise LorakitError(f"config file {str(path)!r} not found")
     text = path.read_text()
     try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text) or {}
+        node = yaml.compose(text, Loader=_Loader)
+        data = _yaml(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
@@ -166,7 +182,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
         raise LorakitError(f"--set {item!r}: expected section.key=value, e.g. --set train.max_steps=100")
     key, value = item.split("=", 1)
     try:
-        return key.strip(), yaml.safe_load(value)
+        return key.strip(), _yaml(value)
     except yaml.YAMLError:
         return key.strip(), value
 

@@ -77,7 +77,7 @@ def train(cfg: runs.RunConfig, resume: bool = False, progress: bool = True, mode
     _say(progress, f"lorakit: {adapters.trainable_report(model)}")
     _say(progress, f"lorakit: train {train_ds.stats.summary()}" + (f"; eval {eval_ds.stats.summary()}" if eval_ds else ""))
     # -- loop ----------------------------------------------------------------------------------------
-    micro = _micro_batches(train_ds, t, state, micro_per_epoch)
+    micro = _micro_batches(train_ds, t, state, _float_dtype(model))
     started, stopped, last_loss, eval_loss = time.time(), "done", float("nan"), None
     bar = _progress_bar(progress, total_steps, state.step)
     model.train()
@@ -187,11 +187,17 @@ def _lr_lambda(warmup: int, total: int, schedule: str):
     return factor
 
 
-def _micro_batches(dataset, t: runs.TrainSection, state: TrainState, per_epoch: int):
+def _float_dtype(model) -> torch.dtype:
+    """The model's compute dtype (packed rows' attention masks must match it on CUDA)."""
+    return next((p.dtype for p in model.parameters() if p.dtype.is_floating_point and not p.requires_grad),
+                torch.float32)
+
+
+def _micro_batches(dataset, t: runs.TrainSection, state: TrainState, mask_dtype: torch.dtype):
     """Endless micro-batches across epochs, starting from the state's data position (for resume)."""
     while True:
         for batch in batching.batches(dataset, t.batch_size, seed=t.seed, epoch=state.epoch, start=state.micro,
-                                      group_by_length=t.group_by_length):
+                                      group_by_length=t.group_by_length, mask_dtype=mask_dtype):
             state.micro += 1
             yield batch
         state.epoch, state.micro = state.epoch + 1, 0
@@ -206,7 +212,7 @@ def _accumulate(model, micro, grad_accum: int, device, autocast_dtype) -> tuple[
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             loss_sum, _ = token_loss_sum(model, batch)
         (loss_sum / max(n_total, 1)).backward()
-        loss_total += float(loss_sum)
+        loss_total += float(loss_sum.detach())
         mask = batch.get("attention_mask")
         tokens += int(mask.sum()) if mask is not None and mask.dim() == 2 else batch["input_ids"].numel()
     return loss_total / max(n_total, 1), tokens
