@@ -33,8 +33,12 @@ from .peft_compat import (
     PeftModelForTokenClassification,
     get_peft_model,
 )
+from .models import load_model
 from .routing import adapter_rows
+from .runs import RunConfig, load_run
 from .variants import lora_plus_optimizer, lora_plus_param_groups
+
+
 
 __version__ = "0.1.0"
 TaskType = type("TaskType", (), {t: t for t in ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS",
