@@ -459,6 +459,8 @@ def test_weight_memory_report_bits_per_param(kind, double_quant, expected):
 def test_weight_memory_report_on_a_qlora_model():
     model = lorakit.get_peft_model(quant.quantize_model(tiny_llama(), "nf4"), lk_config())
     report = quant.weight_memory_report(model)
+    theirs = peft.get_peft_model(quant.quantize_model(tiny_llama(), "nf4"), pf_config())
+    assert quant.weight_memory_report(theirs) == report  # PEFT's wrappers are not counted as bnb layers
     assert report["quantized_layers"] == 14 and report["adapter_bytes"] == 4 * sum(
         p.numel() for n, p in model.named_parameters() if ".lora_" in n)
     assert report["other_bytes"] == 4 * (2 * VOCAB * 64 + 5 * 64)  # embeddings, lm_head and norms in fp32

@@ -33,6 +33,7 @@ from .peft_compat import (
     PeftModelForTokenClassification,
     get_peft_model,
 )
+from .quant import merge_to_full_precision, quantization_config, quantize_model, weight_memory_report
 from .routing import adapter_rows
 from .variants import lora_plus_optimizer, lora_plus_param_groups
 

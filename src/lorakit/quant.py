@@ -60,13 +60,18 @@ def default_compute_dtype(device: str | torch.device | None = None) -> torch.dty
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def _bnb_class(module: nn.Module, names: tuple[str, ...]) -> bool:
+    """Is `module` one of bitsandbytes' classes `names` or a subclass (PEFT's wrappers share the names)?"""
+    return any(c.__name__ in names and c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)
+
+
 def is_quantized(module: nn.Module) -> bool:
     """True for bitsandbytes' Linear4bit / Linear8bitLt (and subclasses), without importing bitsandbytes."""
-    return any(cls.__name__ in _QUANT_CLASSES for cls in type(module).__mro__)
+    return _bnb_class(module, _QUANT_CLASSES)
 
 
 def _is_4bit(module: nn.Module) -> bool:
-    return any(cls.__name__ == "Linear4bit" for cls in type(module).__mro__)
+    return _bnb_class(module, ("Linear4bit",))
 
 
 # -- configs and quantizing a model -------------------------------------------------------------------------
