@@ -154,7 +154,9 @@ def quantize_model(model: nn.Module, kind: str = "nf4", compute_dtype: torch.dty
     _check_kind(kind)
     if kind == "none":
         return model
-    if any(isinstance(m, nn.Module) and type(m).__name__ == "LoraLayer" for m in model.modules()):
+    from .layers import LoraLayer  # layers.py imports this module at its top
+
+    if any(isinstance(m, LoraLayer) for m in model.modules()):
         raise LorakitError("quantize_model must run before adapters are added (the model already has LoRA "
                            "layers); quantize the base first, then add_adapter / get_peft_model")
     _quantize_modules(model, _quantize_targets(model, skip_modules), kind, compute_dtype, double_quant,
