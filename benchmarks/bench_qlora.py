@@ -16,6 +16,7 @@ peak RSS is sampled every 2 ms during the timed steps (and the warmup, which all
 state); "process max RSS" is ru_maxrss of the worker, which also covers loading. On CUDA the peak is
 torch.cuda.max_memory_allocated over the steps. Step time: median over --repeats after --warmup steps.
 Prints a markdown table with ratios against lorakit LoRA, and the command that reproduces it.
+About 3-4 minutes on a 2-core CPU with the defaults (1 torch thread, 30 layers).
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5, help="timed steps per variant (median reported)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads; 0 = torch's choice. Default 1: on the shared 2-core machines two "
+                        "threads contend with other work and ran 2-3x slower with noisy ratios")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
@@ -76,8 +79,7 @@ def run_worker(args, variant: str, checkpoint: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--checkpoint", checkpoint,
            "--device", args.device, "--layers", str(args.layers), "--batch", str(args.batch), "--seq",
            str(args.seq), "--rank", str(args.rank), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
+    cmd += ["--threads", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"worker {variant} failed:\n{proc.stderr[-3000:]}")
