@@ -57,7 +57,8 @@ def expand_all_linear(model: nn.Module) -> list[str]:
     """'all-linear' as PEFT expands it: the last name part of every linear layer but the output head."""
     head = _output_head_name(model)
     names = {name.split(".")[-1] for name, mod in model.named_modules()
-             if layer_kind(mod) in ("linear", "conv1d") and name != head}
+             if (layer_kind(mod) in ("linear", "conv1d") or (isinstance(mod, LoraLayer) and mod.kind != "embedding"))
+             and name != head and not _inside_wrapper(name)}
     if head is not None:
         names.discard(head.split(".")[-1])
     return sorted(names)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import variants
+from . import quant, variants
 from .errors import LorakitError
 
 SUPPORTED = "nn.Linear, transformers' Conv1D, nn.Embedding, bitsandbytes Linear4bit/Linear8bitLt"
@@ -51,6 +51,7 @@ class LoraLayer(nn.Module):
         kind = layer_kind(base_layer)
         if kind is None:
             raise LorakitError(f"cannot add LoRA to {type(base_layer).__name__}; supported: {SUPPORTED}")
+        quant.prepare_quantized_base(base_layer)  # 4-bit: keep bitsandbytes' trainable layout (see quant.py)
         self.base_layer = base_layer
         self.kind = kind
         if kind == "embedding":
@@ -95,7 +96,8 @@ class LoraLayer(nn.Module):
         self.lora_A[name].data = self.lora_A[name].data.to(dev, dtype)
         self.lora_B[name].data = self.lora_B[name].data.to(dev, dtype)
         if dora:
-            m = variants.dora_weight_norm(self.dense_weight(), self.lora_A[name], self.lora_B[name], scaling)
+            W = self.dense_weight().to(dtype)  # a quantized base dequantizes to bf16 on GPU; m stays fp32 like A, B
+            m = variants.dora_weight_norm(W, self.lora_A[name], self.lora_B[name], scaling)
             self.lora_magnitude_vector[name] = nn.Parameter(m.detach().clone())
 
     def _reset(self, name: str, init: bool | str) -> None:
@@ -163,10 +165,14 @@ class LoraLayer(nn.Module):
             from .routing import mixed_forward
             return mixed_forward(self, x, result, rows)
         out_dtype = result.dtype
+        quantized = quant.is_quantized(self.base_layer)
         for name in self.active_adapters:
             if name in self.merged_adapters or name not in self.lora_A:
                 continue
-            result = result + self._adapter_output(name, x, result)
+            delta = self._adapter_output(name, x, result)
+            if quantized and name not in self.lora_magnitude_vector:
+                delta = delta.to(out_dtype)  # PEFT's bnb layers add fp32 adapter outputs in the base's dtype
+            result = result + delta
         return result.to(out_dtype)
 
     def _adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -219,17 +225,17 @@ class LoraLayer(nn.Module):
             self._set_dense_weight(W)
 
     def _set_dense_weight(self, W: torch.Tensor) -> None:
-        if hasattr(self.base_layer.weight, "quant_state") or type(self.base_layer).__name__ == "Linear8bitLt":
-            from .quant import requantize_weight
-            requantize_weight(self.base_layer, W)
+        self._dora_cache.clear()
+        if quant.is_quantized(self.base_layer):
+            quant.requantize_weight(self.base_layer, W)
             return
         target = self.base_layer.weight
         target.data.copy_(W.T if self.kind == "conv1d" else W)
-        self._dora_cache.clear()
 
     def _param_device_dtype(self) -> tuple[torch.device, torch.dtype]:
         W = self.base_layer.weight
-        dtype = W.dtype if W.dtype.is_floating_point else torch.float32  # quantized bases: fp32 adapters
+        fp_base = W.dtype.is_floating_point and not quant.is_quantized(self.base_layer)
+        dtype = W.dtype if fp_base else torch.float32  # quantized bases (any quant_storage): fp32 adapters
         return W.device, dtype
 
     def _label(self) -> str:
