@@ -149,3 +149,21 @@ def test_seed_code_runs_with_only_the_import_changed(tmp_path, ids):
     from transformers import AutoModelForCausalLM
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert torch.allclose(logits(plain, ids), logits(model.eval(), ids), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("variant", [{}, {"use_dora": True}])
+def test_half_precision_base_matches_peft(dtype, variant, ids):
+    """On a bf16/fp16 base, adapters live in fp32 as with PEFT's autocast_adapter_dtype=True."""
+    kw = dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False, **variant)
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(tiny_llama().to(dtype), peft.LoraConfig(**kw)).eval()
+    torch.manual_seed(1)
+    ours = lorakit.get_peft_model(tiny_llama().to(dtype), lorakit.LoraConfig(**kw)).eval()
+    t = {k: v for k, v in theirs.named_parameters() if "lora_" in k}
+    o = {k: v for k, v in ours.named_parameters() if "lora_" in k}
+    assert {v.dtype for v in o.values()} == {v.dtype for v in t.values()} == {torch.float32}
+    if variant:  # DoRA's per-row norm: we sum it in a different order (fp32), so allow one half-precision step
+        assert torch.allclose(logits(ours, ids), logits(theirs, ids), atol=4e-3, rtol=0)
+    else:
+        assert torch.equal(logits(ours, ids), logits(theirs, ids))

@@ -47,7 +47,8 @@ def _check_name(model: nn.Module, name: str, must_exist: bool) -> None:
         raise LorakitError(f"an adapter named {name!r} already exists; pick another name or delete it first")
 
 
-def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", activate: bool = True) -> nn.Module:
+def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", activate: bool = True,
+                autocast_adapter_dtype: bool = True) -> nn.Module:
     """Wrap the targeted layers, create adapter `name` in each, freeze everything else.
 
     Trainable afterwards: the adapter's A, B (A frozen with lora_fa), DoRA magnitudes, modules_to_save
@@ -64,7 +65,8 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", act
     for target in targets:
         layer = wrap(model, target)
         layer.add(name, r=config.rank_for(target), scaling=config.scaling_for(target),
-                  dropout=config.lora_dropout, init=config.init_lora_weights, dora=config.use_dora)
+                  dropout=config.lora_dropout, init=config.init_lora_weights, dora=config.use_dora,
+                  upcast=autocast_adapter_dtype)
         if config.lora_fa:
             freeze_A(layer, name)
     if config.modules_to_save:

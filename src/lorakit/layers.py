@@ -75,8 +75,12 @@ class LoraLayer(nn.Module):
     # -- adapters ------------------------------------------------------------------------------------
 
     def add(self, name: str, r: int, scaling: float, dropout: float = 0.0, init: bool | str = True,
-            dora: bool = False) -> None:
-        """Create adapter `name`. RNG use mirrors PEFT so the same seed gives the same weights."""
+            dora: bool = False, upcast: bool = True) -> None:
+        """Create adapter `name`. RNG use mirrors PEFT so the same seed gives the same weights.
+
+        upcast: on a bf16/fp16 base, keep the adapter in fp32 (PEFT's autocast_adapter_dtype=True);
+        like PEFT, the values pass through the base dtype first, so both round identically.
+        """
         if dora and self.kind == "embedding":
             raise LorakitError("DoRA on nn.Embedding is not supported by lorakit; leave the embedding out of "
                                "target_modules or set use_dora=False")
@@ -95,10 +99,15 @@ class LoraLayer(nn.Module):
             self._reset(name, init)
         self.lora_A[name].data = self.lora_A[name].data.to(dev, dtype)
         self.lora_B[name].data = self.lora_B[name].data.to(dev, dtype)
-        if dora:
-            W = self.dense_weight().to(dtype)  # a quantized base dequantizes to bf16 on GPU; m stays fp32 like A, B
-            m = variants.dora_weight_norm(W, self.lora_A[name], self.lora_B[name], scaling)
-            self.lora_magnitude_vector[name] = nn.Parameter(m.detach().clone())
+        if dora:  # m = ||W + s·BA|| per row, computed like PEFT: directly, in the base dtype, before upcasting
+            W = self.dense_weight().to(dtype)  # a quantized base dequantizes to its compute dtype
+            A_, B_ = self.lora_A[name].detach(), self.lora_B[name].detach()
+            m = torch.linalg.norm(W + scaling * (B_.to(W.dtype) @ A_.to(W.dtype)), dim=1)
+            self.lora_magnitude_vector[name] = nn.Parameter(m.to(dtype))
+        if upcast and dtype in (torch.float16, torch.bfloat16):
+            for store in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
+                if name in store:
+                    store[name].data = store[name].data.float()
 
     def _reset(self, name: str, init: bool | str) -> None:
         A, B = self.lora_A[name], self.lora_B[name]

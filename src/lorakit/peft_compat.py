@@ -46,10 +46,11 @@ class LoraModel(nn.Module):
 class PeftModel(nn.Module):
     """A transformers model with named LoRA adapters, PEFT's API."""
 
-    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default"):
+    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True):
         super().__init__()
         self.base_model = LoraModel(model)
-        adapters.add_adapter(model, peft_config, adapter_name)
+        adapters.add_adapter(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
 
     # -- state -----------------------------------------------------------------------------------------
     @property
@@ -167,14 +168,15 @@ PeftModelForCausalLM = PeftModelForSequenceClassification = PeftModelForTokenCla
 PeftModelForSeq2SeqLM = PeftModelForQuestionAnswering = PeftModelForFeatureExtraction = PeftModel
 
 
-def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", **kwargs) -> PeftModel:
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
+                   autocast_adapter_dtype: bool = True, **kwargs) -> PeftModel:
     """Wrap `model` with a new LoRA adapter (PEFT's entry point)."""
     if kwargs.get("mixed"):
         raise LorakitError("mixed=True (PeftMixedModel) is not supported; lorakit adapters are all LoRA")
     if peft_config.task_type in CLASSIFIER_TASKS:  # PEFT trains the task head too
         extra = [h for h in CLASSIFIER_HEADS if h not in (peft_config.modules_to_save or [])]
         peft_config = peft_config.replace(modules_to_save=list(peft_config.modules_to_save or []) + extra)
-    return PeftModel(model, peft_config, adapter_name)
+    return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype)
 
 
 def _local_dir(model_id: str | Path, kwargs: dict) -> Path:
