@@ -84,3 +84,21 @@ def test_every_help_is_complete(command):
     out = subprocess.run([sys.executable, "-m", "lorakit.cli", command, "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "usage: lorakit " + command in out.stdout
     assert all(line.strip() for line in out.stdout.splitlines()[:1])
+
+
+def test_train_eval_and_merge_on_a_4bit_base(trained, tmp_path, capsys):
+    """QLoRA from the command line: lora.quantize=nf4 trains; eval/merge take --quantize nf4."""
+    pytest.importorskip("bitsandbytes")
+    config = trained["root"] / "run.yaml"
+    out = tmp_path / "qlora"
+    assert main(["train", str(config), "--quiet", "--set", "lora.quantize=nf4", "--set", f"output_dir={out}"]) == 0
+    assert (out / "adapter_model.safetensors").exists()
+    assert main(["eval", "--model", str(trained["model"]), "--adapter", str(out), "--quantize", "nf4",
+                 "--data", str(trained["data"]), "--metric", "perplexity", "--json"]) == 0
+    assert "perplexity" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    merged = tmp_path / "merged"
+    assert main(["merge", "--model", str(trained["model"]), "--adapter", str(out), "--quantize", "nf4",
+                 "--out", str(merged)]) == 0
+    from transformers import AutoModelForCausalLM
+    plain = AutoModelForCausalLM.from_pretrained(merged)
+    assert not any("4bit" in type(m).__name__ for m in plain.modules())
