@@ -44,6 +44,16 @@ def _layer_index_ok(config: LoraConfig, name: str) -> bool:
     return idx == wanted if isinstance(wanted, int) else idx in wanted
 
 
+def _kind(module: nn.Module) -> str | None:
+    """The layer kind, looking through a LoraLayer (already wrapped modules take more adapters)."""
+    return module.kind if isinstance(module, LoraLayer) else layer_kind(module)
+
+
+def _inside_wrapper(name: str) -> bool:
+    """True for the parts of a wrapper (its base layer, adapter weights, saved copies), never targets."""
+    return any(part in f"{name}." for part in (".base_layer.", ".lora_", ".modules_to_save.", ".original_module."))
+
+
 def _output_head_name(model: nn.Module) -> str | None:
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
@@ -57,7 +67,7 @@ def expand_all_linear(model: nn.Module) -> list[str]:
     """'all-linear' as PEFT expands it: the last name part of every linear layer but the output head."""
     head = _output_head_name(model)
     names = {name.split(".")[-1] for name, mod in model.named_modules()
-             if layer_kind(mod) in ("linear", "conv1d") and name != head}
+             if _kind(mod) in ("linear", "conv1d") and name != head and not _inside_wrapper(name)}
     if head is not None:
         names.discard(head.split(".")[-1])
     return sorted(names)
@@ -71,7 +81,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     saved = config.modules_to_save or []
     found, problems = [], []
     for name, mod in model.named_modules():
-        if isinstance(mod, (LoraLayer, ModulesToSave)) or ".base_layer" in name or ".lora_" in name:
+        if isinstance(mod, ModulesToSave) or _inside_wrapper(name):
             continue
         if config.exclude_modules and _matches(config.exclude_modules, name):
             continue
@@ -79,7 +89,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             continue
         if not _matches(spec, name) or not _layer_index_ok(config, name):
             continue
-        if layer_kind(mod) is None:
+        if _kind(mod) is None:
             problems.append(f"module {name!r} ({type(mod).__name__}) matches target_modules but is not a "
                             f"supported layer type; target its linear sub-layers instead")
             continue
