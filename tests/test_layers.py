@@ -141,3 +141,15 @@ def test_lora_plus_groups():
     assert lrs == {"A": 1e-4, "B": 1.6e-3}
     n_b = sum(p.numel() for g in opt.param_groups if g["name"] == "B" for p in g["params"])
     assert n_b == sum(l.lora_B["default"].numel() for _, l in lorakit.lora_layers(model))
+
+
+def test_later_adapters_reach_wrapped_layers_and_delete_cleanly():
+    """A second adapter (list targets or all-linear) lands in layers the first already wrapped."""
+    model = tiny_llama()
+    lorakit.add_adapter(model, LoraConfig(r=2, target_modules=["q_proj"]), "a")
+    lorakit.add_adapter(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), "b")
+    lorakit.add_adapter(model, LoraConfig(r=2, target_modules="all-linear"), "c")
+    q = model.model.layers[0].self_attn.q_proj
+    assert set(q.lora_A) == {"a", "b", "c"} and set(model.model.layers[1].mlp.up_proj.lora_A) == {"c"}
+    lorakit.delete_adapter(model, "b")
+    assert set(q.lora_A) == {"a", "c"} and "b" not in q.r

@@ -19,6 +19,8 @@ from .adapters import (
     unmerge,
 )
 from .checkpoint import load_adapter, read_adapter, save_adapter
+from .combine import CombineReport, add_weighted_adapter, combine_adapters, negate_adapter
+from .combine_dirs import combine_adapter_dirs
 from .config import LoraConfig
 from .errors import LorakitError
 from .layers import LoraLayer

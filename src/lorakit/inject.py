@@ -44,6 +44,16 @@ def _layer_index_ok(config: LoraConfig, name: str) -> bool:
     return idx == wanted if isinstance(wanted, int) else idx in wanted
 
 
+def _kind(module: nn.Module) -> str | None:
+    """The layer kind, looking through a LoraLayer (already wrapped modules take more adapters)."""
+    return module.kind if isinstance(module, LoraLayer) else layer_kind(module)
+
+
+def _inside_wrapper(name: str) -> bool:
+    """True for the parts of a wrapper (its base layer, adapter weights, saved copies), never targets."""
+    return any(part in f"{name}." for part in (".base_layer.", ".lora_", ".modules_to_save.", ".original_module."))
+
+
 def _output_head_name(model: nn.Module) -> str | None:
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
@@ -57,8 +67,7 @@ def expand_all_linear(model: nn.Module) -> list[str]:
     """'all-linear' as PEFT expands it: the last name part of every linear layer but the output head."""
     head = _output_head_name(model)
     names = {name.split(".")[-1] for name, mod in model.named_modules()
-             if (layer_kind(mod) in ("linear", "conv1d") or (isinstance(mod, LoraLayer) and mod.kind != "embedding"))
-             and name != head and not _inside_wrapper(name)}
+             if _kind(mod) in ("linear", "conv1d") and name != head and not _inside_wrapper(name)}
     if head is not None:
         names.discard(head.split(".")[-1])
     return sorted(names)
@@ -80,7 +89,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             continue
         if not _matches(spec, name) or not _layer_index_ok(config, name):
             continue
-        if layer_kind(mod) is None and not isinstance(mod, LoraLayer):
+        if _kind(mod) is None:
             problems.append(f"module {name!r} ({type(mod).__name__}) matches target_modules but is not a "
                             f"supported layer type; target its linear sub-layers instead")
             continue
@@ -92,15 +101,9 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     return found
 
 
-def _inside_wrapper(name: str) -> bool:
-    """Modules inside a LoraLayer / ModulesToSave (base_layer, lora_*, copies) are never targets."""
-    parts = name.split(".")
-    return any(p in ("base_layer", "original_module", "modules_to_save") or p.startswith("lora_") for p in parts)
-
-
 def _no_match_message(model: nn.Module, spec) -> str:
     leaf_names = sorted({n.split(".")[-1] for n, m in model.named_modules()
-                         if (layer_kind(m) or isinstance(m, LoraLayer)) and not _inside_wrapper(n)})
+                         if _kind(m) and not _inside_wrapper(n)})
     wanted = [spec] if isinstance(spec, str) else list(spec)
     close = sorted({c for w in wanted for c in difflib.get_close_matches(w.split(".")[-1], leaf_names, n=3)})
     hint = f" Closest module names: {close}." if close else ""

@@ -70,6 +70,7 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self._dora_cache: dict[str, tuple] = {}
+        self._stack_cache: dict[str, tuple] = {}  # routing.py: all adapters stacked for mixed batches
         self._merge_factor: dict[str, torch.Tensor] = {}  # DoRA: m/||W+ΔW|| used at merge, for unmerge
 
     # -- adapters ------------------------------------------------------------------------------------
@@ -91,6 +92,7 @@ class LoraLayer(nn.Module):
         else:  # PEFT: nn.Linear(in, r) and nn.Linear(r, out) draw their default init first
             nn.init.kaiming_uniform_(A, a=math.sqrt(5)), nn.init.kaiming_uniform_(B, a=math.sqrt(5))
         self.lora_A[name], self.lora_B[name] = nn.Parameter(A), nn.Parameter(B)
+        self._stack_cache.clear()
         self.r[name], self.scaling[name] = r, scaling
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if isinstance(init, str) and init.startswith("pissa"):
@@ -141,10 +143,11 @@ class LoraLayer(nn.Module):
         if name in self.merged_adapters:
             raise LorakitError(f"adapter {name!r} is merged; unmerge it before deleting")
         for store in (self.lora_A, self.lora_B, self.lora_magnitude_vector, self.lora_dropout):
-            if name in store:
+            if name in store:  # ParameterDict.pop takes no default
                 del store[name]
         for store in (self.r, self.scaling, self._dora_cache, self._merge_factor):
             store.pop(name, None)
+        self._stack_cache.clear()
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
     # -- the math --------------------------------------------------------------------------------------

@@ -103,12 +103,12 @@ class PeftModel(nn.Module):
         checkpoint.load_adapter(self.get_base_model(), _local_dir(model_id, kwargs), adapter_name,
                                 is_trainable=is_trainable, activate=False)
 
-    def add_weighted_adapter(self, adapters_: list[str] | None = None, weights: list[float] | None = None,
-                             adapter_name: str = "merged", combination_type: str = "svd", svd_rank=None, **kw):
-        from .arithmetic import add_weighted_adapter
-        names = adapters_ if adapters_ is not None else kw.pop("adapters")
-        add_weighted_adapter(self.get_base_model(), names, weights, adapter_name, combination_type,
-                             svd_rank, **kw)
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None, **kw):
+        """PEFT's signature; the math and its differences are in combine.add_weighted_adapter."""
+        from .combine import add_weighted_adapter
+        return add_weighted_adapter(self.get_base_model(), adapters, weights, adapter_name, combination_type,
+                                    svd_rank, **kw)
 
     # -- merging ---------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
