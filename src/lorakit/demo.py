@@ -53,10 +53,11 @@ def _print_report(report: dict, rows: list, base: list, tuned: list, k: int) -> 
     for row, b, t in list(zip(rows, base, tuned))[:k]:
         prompt, _ = prompt_and_answer(row)
         text = prompt[-1]["content"] if isinstance(prompt, list) else prompt
-        cells = [_cell(text, width), _cell(("✓ " if b["ok"] else "✗ ") + b["got"], width),
-                 _cell(("✓ " if t["ok"] else "✗ ") + t["got"], width)]
-        for line in zip(*cells):
-            print(" | ".join(line))
+        cells = [_wrap(text, width), _wrap(("✓ " if b["ok"] else "✗ ") + b["got"], width),
+                 _wrap(("✓ " if t["ok"] else "✗ ") + t["got"], width)]
+        height = max(len(c) for c in cells)
+        for line in zip(*[c + [""] * (height - len(c)) for c in cells]):
+            print(" | ".join(f"{x:{width}s}" for x in line))
         print(f"{'':{width}s} | {'expected: ' + b['expected']:{2 * width + 3}.{2 * width + 3}s}")
         print("-" * (3 * width + 6))
     s = report["seconds"]
@@ -67,7 +68,5 @@ def _print_report(report: dict, rows: list, base: list, tuned: list, k: int) -> 
     print(f"adapter (PEFT format): {report['adapter_dir']}")
 
 
-def _cell(text: str, width: int, lines: int = 3) -> list[str]:
-    wrapped = textwrap.wrap(" ".join(str(text).split()), width) or [""]
-    wrapped = wrapped[:lines] + [""] * (lines - len(wrapped[:lines]))
-    return [f"{w:{width}s}" for w in wrapped]
+def _wrap(text: str, width: int, lines: int = 3) -> list[str]:
+    return (textwrap.wrap(" ".join(str(text).split()), width) or [""])[:lines]
