@@ -82,7 +82,7 @@ def parse_args(argv=None):
                    help="OMP_WAIT_POLICY. PASSIVE (default): idle OpenMP threads sleep instead of spinning, "
                         "which on a shared CPU is several times faster and far steadier for every variant")
     p.add_argument("--budget", type=float, default=None,
-                   help="seconds for the timed rounds (default 240; quick 60); rounds stop at the budget "
+                   help="seconds for the timed rounds (default 300; quick 60); rounds stop at the budget "
                         "once the minimum is reached")
     p.add_argument("--metric", default="auto", choices=["auto", "cpu", "wall"],
                    help="what the ratios (and pass/fail) use: process CPU time or wall time; auto = cpu on "
@@ -94,7 +94,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="markdown file (default benchmarks/results/core-<device>.md)")
     a = p.parse_args(argv)
     a.layers = a.layers or (4 if a.quick else MODEL["num_hidden_layers"])
-    a.budget = a.budget if a.budget is not None else (60.0 if a.quick else 240.0)
+    a.budget = a.budget if a.budget is not None else (60.0 if a.quick else 300.0)
     a.max_rounds = a.max_rounds or (5 if a.quick else 15)
     if a.out is None:
         kind = torch.device(a.device).type
@@ -320,7 +320,7 @@ def main(argv=None) -> int:
     # 1 + 2. training steps, the four variants interleaved ---------------------------------------------
     steps, losses = train_steps(models, ids)
     train = interleaved({n: steps[n] for n in ("lk_dora", "lk_lora", "peft_lora", "peft_dora")},
-                        args, device, 0.55 * args.budget)
+                        args, device, 0.4 * args.budget)
     checks["LoRA loss, first step"] = abs(losses["lk_lora"][0] - losses["peft_lora"][0])
     checks["DoRA loss, first step"] = abs(losses["lk_dora"][0] - losses["peft_dora"][0])
     log("train step ms: " + ", ".join(f"{n}={ms(train['wall'], n):.0f}" for n in train["wall"]))
@@ -346,7 +346,7 @@ def main(argv=None) -> int:
         m.eval()
     logits: dict[str, torch.Tensor] = {}
     infer = interleaved({n: logits_fn(m, ids, logits, n) for n, m in infer_models.items()},
-                        args, device, 0.45 * args.budget)
+                        args, device, 0.6 * args.budget)
     log("inference ms: " + ", ".join(f"{n}={ms(infer['wall'], n):.0f}" for n in infer["wall"]))
     logits_fn(peft_merged, ids, logits, "peft_merged")()
     checks["LoRA logits (eval)"] = max_diff(logits["lk_lora"], logits["peft_lora"])
