@@ -153,3 +153,27 @@ def test_later_adapters_reach_wrapped_layers_and_delete_cleanly():
     assert set(q.lora_A) == {"a", "b", "c"} and set(model.model.layers[1].mlp.up_proj.lora_A) == {"c"}
     lorakit.delete_adapter(model, "b")
     assert set(q.lora_A) == {"a", "c"} and "b" not in q.r
+
+
+@pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.parametrize("variant", [{}, {"use_dora": True}])
+def test_no_grad_fast_path_equals_autograd_path(kind, variant, ids):
+    """Outside autograd the adapters accumulate into the base output in place; same numbers as with grad."""
+    model = _model_with_adapter(kind, init=False, **variant)
+    with torch.enable_grad():
+        with_grad = model(input_ids=ids).logits.detach()
+    assert torch.allclose(logits(model, ids), with_grad, atol=1e-6, rtol=0)
+
+
+def test_in_place_fast_path_leaves_hooked_base_output_alone(ids):
+    """A forward hook on the base layer keeps the base output it saw: no in-place update when hooked."""
+    model = _model_with_adapter("llama", init=False)
+    layer = model.model.layers[0].self_attn.q_proj
+    seen = []
+    handle = layer.base_layer.register_forward_hook(lambda mod, inp, out: seen.append((inp[0], out)))
+    try:
+        logits(model, ids)
+    finally:
+        handle.remove()
+    x, out = seen[0]
+    assert torch.equal(out, torch.nn.functional.linear(x, layer.base_layer.weight))

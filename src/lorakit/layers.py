@@ -5,9 +5,11 @@ Conv1D (weight stored (in, out), "fan_in_fan_out") and nn.Embedding; quantized b
 quant.py. Per adapter name it holds A (r, in), B (out, r), the scaling s and a dropout; DoRA adds a
 magnitude vector m (out,) and its math lives in variants.py.
 
-Numerics follow PEFT exactly (same op order, same init RNG consumption), so with equal weights the
-outputs agree to float rounding. For nn.Embedding PEFT's convention holds: A (r, num_embeddings) is
-the zero-initialised factor and B (dim, r) the random one.
+Numerics follow PEFT (same formulas, same init RNG consumption), so with equal weights the outputs
+agree to float rounding. For speed the low-rank term is accumulated into the base output by one GEMM
+(addmm, in place outside autograd) instead of PEFT's separate product, scale and add; see
+_apply_adapter. For nn.Embedding PEFT's convention holds: A (r, num_embeddings) is the
+zero-initialised factor and B (dim, r) the random one.
 """
 
 from __future__ import annotations
@@ -178,26 +180,43 @@ class LoraLayer(nn.Module):
             return mixed_forward(self, x, result, rows)
         out_dtype = result.dtype
         quantized = quant.is_quantized(self.base_layer)
+        # May the adapters write into `result` in place? Only if nothing else can hold it: a plain
+        # nn.Linear without forward hooks returns a fresh tensor, and only outside autograd (in-place
+        # ops on a view of a graph tensor would cost a copy in backward).
+        owned = (not torch.is_grad_enabled() and type(self.base_layer) is nn.Linear
+                 and not self.base_layer._forward_hooks and not nn.modules.module._global_forward_hooks)
         for name in self.active_adapters:
             if name in self.merged_adapters or name not in self.lora_A:
                 continue
-            delta = self._adapter_output(name, x, result)
-            if quantized and name not in self.lora_magnitude_vector:
-                delta = delta.to(out_dtype)  # PEFT's bnb layers add fp32 adapter outputs in the base's dtype
-            result = result + delta
+            # PEFT's bnb layers add fp32 adapter outputs in the base's dtype: cast_to for quantized bases
+            result, owned = self._apply_adapter(name, x, result, owned, cast_to=out_dtype if quantized else None)
         return result.to(out_dtype)
 
-    def _adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """What adapter `name` adds to the base output for input x."""
+    def _apply_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor, owned: bool,
+                       cast_to: torch.dtype | None = None) -> tuple[torch.Tensor, bool]:
+        """result + what adapter `name` adds for input x; (new result, whether we own it).
+
+        Same value as PEFT's `result + B(A(dropout(x))) * s`, computed as one GEMM that accumulates into
+        the base output, result + s·(x·Aᵀ)·Bᵀ (addmm with alpha=s): no (tokens, out) temporaries for
+        B·A·x and s·B·A·x, and no (tokens, out) multiply by s in backward. In place when `owned`.
+        """
         A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
         if self.kind == "embedding":
             after_A = self._embed(x, A.T)  # (..., r)
-            return (after_A @ B.T) * s
+            return result + (after_A @ B.T) * s, True
         x = x.to(A.dtype)
         dropout = self.lora_dropout[name]
         if name in self.lora_magnitude_vector:
-            return variants.dora_output(self, name, x, result, dropout)
-        return F.linear(F.linear(dropout(x), A), B) * s
+            return variants.dora_apply(self, name, x, result, dropout, owned)
+        after_A = F.linear(dropout(x), A)  # (..., r)
+        if not (result.dtype == after_A.dtype == B.dtype and result.is_contiguous()):  # fp32 adapters, bf16 base
+            delta = F.linear(after_A, B) * s
+            return result + (delta.to(cast_to) if cast_to is not None else delta), True
+        out2d, h2d = result.view(-1, self.out_features), after_A.reshape(-1, after_A.shape[-1])  # (N, out), (N, r)
+        if owned:
+            out2d.addmm_(h2d, B.T, alpha=s)
+            return result, True
+        return torch.addmm(out2d, h2d, B.T, alpha=s).view(result.shape), True
 
     def _embed(self, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         b = self.base_layer

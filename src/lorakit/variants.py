@@ -2,8 +2,9 @@
 
 DoRA (Liu et al. 2024) splits the adapted weight into a magnitude m (out,) and a direction:
     W' = m · (W0 + s·BA) / ||W0 + s·BA||_row,   the norm per output row, detached from the graph.
-Its output, added to the base output like PEFT does:
-    (m/n - 1) · (W0·x) + (m/n) · s·B·A·x,        n = ||W0 + s·BA||_row.
+PEFT adds (m/n - 1)·(W0·x) + (m/n)·s·B·A·x to the base output, n = ||W0 + s·BA||_row; we compute the
+same value as (m/n)·(W0·x) + bias + B'·A·x with B' = (m/n)·s·B, i.e. the per-row factor folded into
+the small B (see dora_apply).
 We never build W0 + s·BA to get n: with the rows' squared norms of W0 cached once,
     n² = ||W0||² + 2s·rowsum((W0·Aᵀ) ⊙ B) + s²·rowsum((B·A·Aᵀ) ⊙ B),
 which costs O(out·in·r) with (out, r) temporaries instead of an (out, in) one. Outside training the
@@ -59,20 +60,43 @@ def _cached_norm(layer: nn.Module, name: str, W: torch.Tensor) -> torch.Tensor:
     return norm
 
 
-def dora_output(layer: nn.Module, name: str, x: torch.Tensor, result: torch.Tensor,
-                dropout: nn.Module) -> torch.Tensor:
-    """What a DoRA adapter adds to the base output `result` (PEFT's numerics, op for op)."""
+def dora_apply(layer: nn.Module, name: str, x: torch.Tensor, result: torch.Tensor, dropout: nn.Module,
+               owned: bool = False) -> tuple[torch.Tensor, bool]:
+    """The output with DoRA adapter `name` applied to the output so far, `result`; (new result, owned).
+
+    PEFT adds (k - 1)·base + k·s·B·A·x to `result`, k = m/||W0 + s·BA|| (1, out), base = result without
+    the bias. That equals k·base + bias + (k·s)·B·A·x, which we compute with the per-row factor k·s folded
+    into B (an (out, r) product instead of (tokens, out) ones): one addcmul, and a single (tokens, out)
+    tensor saved for backward (PEFT's form saves two). Same value up to float rounding (~1 ulp of the
+    output). Without autograd and with `owned`, in place: result·k, then += (x·Aᵀ)·(k·s·B)ᵀ.
+    """
     A, B, s, m = layer.lora_A[name], layer.lora_B[name], layer.scaling[name], layer.lora_magnitude_vector[name]
     W = layer.dense_weight().to(x.dtype)  # (out, in)
     norm = _cached_norm(layer, name, W)
-    scale = (m / norm).view(1, -1)  # (1, out)
-    if isinstance(dropout, nn.Identity) or not layer.training:
-        bias = getattr(layer.base_layer, "bias", None)
-        base_out = result - bias if bias is not None else result  # W0·x without the bias
-    else:
+    scale = m / norm  # (out,)
+    bias = getattr(layer.base_layer, "bias", None)
+    if not (isinstance(dropout, nn.Identity) or not layer.training):
+        # The base must see the same dropped-out x as the adapter: PEFT's form, nothing to fuse.
         x = dropout(x)
-        base_out = F.linear(x, W)  # the base must see the same dropped-out x as the adapter
-    lora_out = F.linear(F.linear(x, A), B)
+        return result + _dora_delta(F.linear(x, W), F.linear(F.linear(x, A), B), scale, s), True
+    if not result.dtype == x.dtype == A.dtype == m.dtype:  # mixed precision (autocast, quantized base)
+        base_out = result - bias if bias is not None else result  # W0·x without the bias
+        return result + _dora_delta(base_out, F.linear(F.linear(x, A), B), scale, s), True
+    B_scaled = B * (scale * s).unsqueeze(1)  # (out, r): k·s·B
+    after_A = F.linear(x, A)  # (..., r)
+    if owned and bias is None and result.is_contiguous():
+        out2d = result.view(-1, result.shape[-1])  # (N, out)
+        out2d.mul_(scale).addmm_(after_A.reshape(-1, after_A.shape[-1]), B_scaled.T)
+        return result, True
+    lora_out = F.linear(after_A, B_scaled)  # (..., out)
+    if bias is not None:
+        return torch.addcmul(lora_out + bias, result - bias, scale), True
+    return torch.addcmul(lora_out, result, scale), True
+
+
+def _dora_delta(base_out: torch.Tensor, lora_out: torch.Tensor, scale: torch.Tensor, s: float) -> torch.Tensor:
+    """PEFT's DoRA term, op for op: (k - 1)·base + k·lora·s."""
+    scale = scale.view(1, -1)
     return (scale - 1) * base_out + scale * lora_out * s
 
 
