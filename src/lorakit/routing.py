@@ -119,12 +119,9 @@ def mixed_forward(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, plan:
         raise LorakitError(f"adapter_names has {plan.n} entries but the batch has {x.shape[0]} rows; give one "
                            "adapter name per row (generate with num_beams or num_return_sequences > 1 grows the "
                            "batch: repeat each name that many times)")
-    present = [name for name in plan.groups if name in layer.lora_A]
+    present = [name for name in plan.groups if name in layer.r]  # layer.r: a plain dict, a fast lookup
     if not present:
         return result
-    dora = [name for name in present if name in layer.lora_magnitude_vector]
-    if dora:
-        raise LorakitError(f"adapter {dora[0]!r} is DoRA; mixed-adapter batches support plain LoRA adapters only")
     if _can_stack(layer, present):
         return _stacked_forward(layer, x, result, plan, present)
     return _segment_forward(layer, x, result, plan, present)
@@ -134,6 +131,8 @@ def _can_stack(layer: nn.Module, present: list[str]) -> bool:
     """The stacked path holds no autograd graph and applies no dropout; it needs neither here."""
     if layer.kind == "embedding" and layer.base_layer.max_norm is not None:
         return False
+    if not torch.is_grad_enabled() and not layer.training:
+        return True
     for name in present:
         if torch.is_grad_enabled() and (layer.lora_A[name].requires_grad or layer.lora_B[name].requires_grad):
             return False
@@ -142,12 +141,22 @@ def _can_stack(layer: nn.Module, present: list[str]) -> bool:
     return True
 
 
+def _check_plain(layer: nn.Module, names: list[str]) -> None:
+    dora = [name for name in names if name in layer.lora_magnitude_vector]
+    if dora:
+        raise LorakitError(f"adapter {dora[0]!r} is DoRA; mixed-adapter batches support plain LoRA adapters only")
+
+
 # -- stacked: gather each row's factors, two batched matmuls ---------------------------------------------
 
-def _version(layer: nn.Module, name: str) -> tuple:
-    """Changes whenever adapter `name`'s A, B or scaling on this layer does."""
-    A, B = layer.lora_A[name], layer.lora_B[name]
-    return A.data_ptr(), A._version, B.data_ptr(), B._version, layer.scaling[name]
+def _version(A: torch.Tensor, B: torch.Tensor, scaling: float) -> tuple:
+    """Changes whenever an adapter's A, B (in place or through .data) or scaling does."""
+    return A.data_ptr(), A._version, B.data_ptr(), B._version, scaling
+
+
+def _unchanged(layer: nn.Module, versions: dict, name: str) -> bool:
+    hit = versions.get(name)  # (A, B, version) as stacked; tensors kept to skip nn.Module lookups
+    return hit is not None and _version(hit[0], hit[1], layer.scaling[name]) == hit[2]
 
 
 class Stack(NamedTuple):
@@ -167,8 +176,9 @@ def _stack(layer: nn.Module, used: list[str]) -> Stack:
     is caught when a later batch uses it), so the check costs O(adapters in the batch), not O(N).
     """
     hit = layer._stack_cache.get("stack")  # LoraLayer.add / delete clear it
-    if hit is not None and all(hit[1].get(n) == _version(layer, n) for n in used):
+    if hit is not None and all(_unchanged(layer, hit[1], n) for n in used):
         return hit[0]
+    _check_plain(layer, used)
     names = tuple(n for n in layer.lora_A if n not in layer.lora_magnitude_vector)
     first = layer.lora_A[names[0]]
     r_max, n_in, n_out = max(layer.r[n] for n in names), layer.in_features, layer.out_features
@@ -184,7 +194,11 @@ def _stack(layer: nn.Module, used: list[str]) -> Stack:
         else:
             packed = torch.cat([A_all.flatten(1), B_all.flatten(1)], dim=1)  # (N+1, in·r + r·out)
             stack = Stack(names, packed, n_in * r_max, r_max, None)
-    layer._stack_cache["stack"] = (stack, {n: _version(layer, n) for n in names})
+    versions = {}
+    for n in names:
+        A, B = layer.lora_A[n], layer.lora_B[n]
+        versions[n] = (A, B, _version(A, B, layer.scaling[n]))
+    layer._stack_cache["stack"] = (stack, versions)
     return stack
 
 
@@ -210,6 +224,7 @@ def _stacked_forward(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, pl
 
 def _segment_forward(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, plan: RowPlan,
                      present: list[str]) -> torch.Tensor:
+    _check_plain(layer, present)
     out_dtype = result.dtype
     result = result.clone()
     for name in present:
