@@ -149,7 +149,7 @@ def main() -> None:
     p.add_argument("--shape", default="smollm2-135m", choices=list(SHAPES))
     p.add_argument("--examples", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-tokens", type=int, default=1024, help="packed row length (lorakit)")
+    p.add_argument("--max-tokens", type=int, default=768, help="packed row length (lorakit); attention cost grows with it")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--side", choices=["lorakit", "peft"], help=argparse.SUPPRESS)
     p.add_argument("--out", help="write the markdown table here too")
