@@ -61,6 +61,7 @@ def _omp_wait_policy(argv: list[str]) -> str:
 OMP_WAIT = _omp_wait_policy(sys.argv[1:]) if "torch" not in sys.modules else os.environ.get("OMP_WAIT_POLICY", "?")
 
 import torch  # noqa: E402  (after OMP_WAIT_POLICY is set)
+from common import machine_info  # noqa: E402
 
 MODEL = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
              num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048)
@@ -265,28 +266,6 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # -- report ----------------------------------------------------------------------------------------------
-
-def machine_info(args, device) -> list[str]:
-    cpu = platform.processor() or "?"
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    import peft
-    import transformers
-
-    import lorakit
-    lines = [f"- CPU: {cpu}, {os.cpu_count()} logical CPUs, torch threads: {torch.get_num_threads()}",
-             f"- torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
-             f"lorakit {lorakit.__version__}, Python {platform.python_version()}",
-             f"- device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-             + f", dtype {args.dtype}"]
-    with contextlib.suppress(OSError):
-        lines.append(f"- load average at start: {' '.join(open('/proc/loadavg').read().split()[:3])} "
-                     "(the machine is shared; ratios are per-round and robust to it, absolute ms are not)")
-    return lines
-
 
 def verdict(value: float, op: str, target: float) -> str:
     ok = value <= target if op == "<=" else abs(value - 1.0) <= target

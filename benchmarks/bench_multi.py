@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from common import machine_info
+
 MODEL = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
              num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -231,25 +233,6 @@ def bench_generate(args, base, lk, pm, device, log) -> dict:
 
 
 # -- report ------------------------------------------------------------------------------------------------
-
-def machine_info(args, device) -> list[str]:
-    cpu = platform.processor() or "?"
-    with contextlib.suppress(OSError):
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    import peft
-    import transformers
-
-    import lorakit
-    lines = [f"- CPU: {cpu}, {os.cpu_count()} logical CPUs, torch threads: {torch.get_num_threads()}",
-             f"- torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
-             f"lorakit {lorakit.__version__}, Python {platform.python_version()}",
-             f"- device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-             + f", dtype {args.dtype}"]
-    with contextlib.suppress(OSError):
-        lines.append(f"- load average at start: {' '.join(open('/proc/loadavg').read().split()[:3])} "
-                     "(shared machine: ratios are per round and robust to load, absolute ms are not)")
-    return lines
-
 
 def forward_table(label: str, results: list[dict]) -> list[str]:
     out = [f"### Forward, mixed batch, r=16 on {label}", "",
