@@ -32,17 +32,14 @@ non-zero so DoRA's norm is not trivially ||W0||); their losses and logits are co
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 
 def _omp_wait_policy(argv: list[str]) -> str:
@@ -61,7 +58,7 @@ def _omp_wait_policy(argv: list[str]) -> str:
 OMP_WAIT = _omp_wait_policy(sys.argv[1:]) if "torch" not in sys.modules else os.environ.get("OMP_WAIT_POLICY", "?")
 
 import torch  # noqa: E402  (after OMP_WAIT_POLICY is set)
-from common import machine_info  # noqa: E402
+from common import machine_info, write_report  # noqa: E402
 
 MODEL = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
              num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048)
@@ -402,10 +399,7 @@ def main(argv=None) -> int:
         ok &= good
         out.append(f"- {k}: {v:.2e} {'ok' if good else 'MISMATCH'}")
     text = "\n".join(out) + "\n"
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    log(f"wrote {args.out}")
+    write_report(args.out, text, log)
     return 0 if ok else 1
 
 

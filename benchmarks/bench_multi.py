@@ -25,16 +25,13 @@ import argparse
 import contextlib
 import copy
 import gc
-import os
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from common import machine_info
+from common import machine_info, write_report
 
 MODEL = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
              num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048)
@@ -306,10 +303,7 @@ def main(argv=None) -> int:
                       "- N ≤ 8: batch 8×64, row i uses adapter i mod N; N > 8: N rows × 512/N tokens, one adapter "
                       "per row, base timed on the same shape. 'segments' = lorakit's loop-over-adapters fallback.",
                       "- max abs Δ = largest logit difference lorakit vs PEFT (same weights)", "", *sections])
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    log(f"wrote {args.out}")
+    write_report(args.out, text, log)
     return 0 if ok else 1
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+from pathlib import Path
 
 import torch
 
@@ -27,3 +28,11 @@ def machine_info(args, device) -> list[str]:
         lines.append(f"- load average at start: {' '.join(open('/proc/loadavg').read().split()[:3])} "
                      "(the machine is shared; ratios are per-round and robust to it, absolute ms are not)")
     return lines
+
+
+def write_report(path, text: str, log=print) -> None:
+    """Print the markdown report and write it to `path` (folders created)."""
+    print(text)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)
+    log(f"wrote {path}")

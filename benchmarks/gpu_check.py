@@ -139,7 +139,7 @@ def bf16_training() -> None:
     from pathlib import Path
     from lorakit.runs import load_run
     from lorakit.train import train
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401
+    from transformers import PreTrainedTokenizerFast
     tmp = Path(tempfile.mkdtemp())
     model = tiny(torch.bfloat16, vocab=512)
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -171,6 +171,12 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default",
     return model
 
 
+def load_weights(model: nn.Module, directory: str | Path, name: str = "default") -> None:
+    """Copy the tensors of an adapter folder into the existing adapter `name` (e.g. to resume training)."""
+    _, tensors = read_adapter(directory)
+    _copy_in(model, _strip_prefix(tensors), name, str(Path(directory) / WEIGHTS_NAME))
+
+
 def _strip_prefix(tensors: dict) -> dict:
     return {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in tensors.items()}
 

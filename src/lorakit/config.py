@@ -156,7 +156,7 @@ class LoraConfig:
         if self.loftq_config:
             p.append("loftq_config is set, but lorakit does not implement LoftQ; remove it")
         for name, off in _UNSUPPORTED_OFF.items():
-            if getattr(self, name) not in (off, {}, [], None if off is None else off):
+            if getattr(self, name) not in (off, None, {}, []):
                 p.append(f"{name}={getattr(self, name)!r}: this PEFT feature is not implemented by lorakit; "
                          f"leave it at {off!r}")
         if self.use_dora and self.lora_fa:

@@ -82,8 +82,7 @@ def load_training_checkpoint(path: Path, model, optimizer, scheduler) -> TrainSt
     """Restore adapter tensors, optimizer, scheduler and RNG states; returns the data position."""
     try:
         state = TrainState(**json.loads((path / "trainer_state.json").read_text()))
-        _, tensors = checkpoint.read_adapter(path)
-        checkpoint._copy_in(model, checkpoint._strip_prefix(tensors), "default", str(path))
+        checkpoint.load_weights(model, path)
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         rng = torch.load(path / "rng.pt", weights_only=True)
