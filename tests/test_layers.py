@@ -177,3 +177,63 @@ def test_in_place_fast_path_leaves_hooked_base_output_alone(ids):
         handle.remove()
     x, out = seen[0]
     assert torch.equal(out, torch.nn.functional.linear(x, layer.base_layer.weight))
+
+
+def _reference_grads(layer, x, name="default"):
+    """Plain autograd on the formula y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ: the independent restatement."""
+    W, b = layer.base_layer.weight, layer.base_layer.bias
+    A, B, s = layer.lora_A[name], layer.lora_B[name], layer.scaling[name]
+    x = x.detach().clone().requires_grad_(x.requires_grad)
+    y = torch.nn.functional.linear(x, W, b) + s * (x @ A.T) @ B.T
+    return y, x
+
+
+@pytest.mark.parametrize("case", ["plain", "bias_trained", "lora_fa", "input_frozen"])
+def test_fused_training_path_matches_autograd_formula(case):
+    """The training fast path (one autograd node per layer) gives the formula's output and gradients."""
+    from lorakit.layers import LoraLayer
+    torch.manual_seed(0)
+    layer = LoraLayer(torch.nn.Linear(12, 7, bias=case == "bias_trained"))
+    layer.base_layer.requires_grad_(False)
+    layer.add("default", r=3, scaling=1.7)
+    layer.active_adapters = ["default"]
+    torch.nn.init.normal_(layer.lora_B["default"])
+    if case == "bias_trained":
+        layer.base_layer.bias.requires_grad_(True)
+    if case == "lora_fa":
+        layer.lora_A["default"].requires_grad_(False)
+    x = torch.randn(2, 5, 12, requires_grad=case != "input_frozen")
+    assert layer._fused_adapter(x, (), {}) == "default"
+    g = torch.randn(2, 5, 7)
+    y = layer(x)
+    assert type(y.grad_fn).__name__ == "_LoraLinearBackward"
+    params = [p for p in layer.parameters() if p.requires_grad]
+    got = torch.autograd.grad(y, ([x] if x.requires_grad else []) + params, g)
+    y_ref, x_ref = _reference_grads(layer, x)
+    want = torch.autograd.grad(y_ref, ([x_ref] if x.requires_grad else []) + params, g)
+    assert torch.allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got, want, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_fused_training_path_gives_model_gradients_of_general_path(kind, ids, monkeypatch):
+    """Whole model: the loss and every adapter gradient equal those of the general path (fused off)."""
+    model = _model_with_adapter(kind, init=False)
+    model.train()
+    calls, apply = [], lorakit.layers._LoraLinear.apply
+    monkeypatch.setattr(lorakit.layers._LoraLinear, "apply", lambda *a: calls.append(1) or apply(*a))
+    results = []
+    for fused in (True, False):
+        if not fused:
+            assert calls or kind == "gpt2"  # GPT-2's Conv1D layers take the general path
+            monkeypatch.setattr(lorakit.layers.LoraLayer, "_fused_adapter", lambda self, x, a, k: None)
+        model.zero_grad()
+        torch.manual_seed(0)  # the same model dropout masks (GPT-2, BERT) on both passes
+        loss = model(input_ids=ids).logits.square().mean()  # any scalar of the outputs will do
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (l1, g1), (l2, g2) = results
+    assert l1 == pytest.approx(l2, rel=1e-6)
+    for n in g1:
+        assert torch.allclose(g1[n], g2[n], rtol=1e-5, atol=1e-7), n

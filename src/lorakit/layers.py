@@ -171,6 +171,10 @@ class LoraLayer(nn.Module):
         return delta.to(self.lora_A[name].dtype) if low_cpu else delta
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = self._fused_adapter(x, args, kwargs)
+        if name is not None:  # training fast path: base and adapter in one autograd node
+            A, B, b = self.lora_A[name], self.lora_B[name], self.base_layer.bias
+            return _LoraLinear.apply(x, self.base_layer.weight, b, A, B, self.scaling[name])
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
@@ -191,6 +195,29 @@ class LoraLayer(nn.Module):
             # PEFT's bnb layers add fp32 adapter outputs in the base's dtype: cast_to for quantized bases
             result, owned = self._apply_adapter(name, x, result, owned, cast_to=out_dtype if quantized else None)
         return result.to(out_dtype)
+
+    def _fused_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
+        """The adapter to run through _LoraLinear, or None for the general path.
+
+        Only the plain training case: grad on, a plain nn.Linear with a frozen weight and no hooks, one
+        active unmerged adapter without DoRA or dropout, one dtype throughout, no autocast, no
+        per-row routing. Everything else (inference, quantized or hooked bases, several adapters,
+        mixed precision) takes the general path, which gives the same values.
+        """
+        if not torch.is_grad_enabled() or self.disabled or args or kwargs or self.kind != "linear":
+            return None
+        base = self.base_layer
+        if (type(base) is not nn.Linear or base.weight.requires_grad or base._forward_hooks
+                or base._forward_pre_hooks or nn.modules.module._global_forward_hooks
+                or torch.is_autocast_enabled(x.device.type) or _current_rows() is not None):
+            return None
+        live = [n for n in self.active_adapters if n not in self.merged_adapters and n in self.lora_A]
+        if len(live) != 1 or live[0] in self.lora_magnitude_vector:
+            return None
+        name = live[0]
+        if not isinstance(self.lora_dropout[name], nn.Identity):
+            return None
+        return name if x.dtype == base.weight.dtype == self.lora_A[name].dtype == self.lora_B[name].dtype else None
 
     def _apply_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor, owned: bool,
                        cast_to: torch.dtype | None = None) -> tuple[torch.Tensor, bool]:
@@ -275,6 +302,51 @@ class LoraLayer(nn.Module):
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}: r={self.r[n]}, s={self.scaling[n]:g}" for n in self.lora_A)
         return f"kind={self.kind}, adapters=[{adapters}], active={self.active_adapters}"
+
+
+class _LoraLinear(torch.autograd.Function):
+    """y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ for a frozen W, with a hand-written backward.
+
+    Autograd would build four nodes per layer (base linear, A, B, add) and sum the base's and the
+    adapter's input gradients with a separate (N, in) add. Here backward computes
+        gB = g·B (N, r);  grad_x = g·W + s·gB·A;  grad_A = s·gBᵀ·x;  grad_B = s·gᵀ·(x·Aᵀ)
+    with the adapter's part of grad_x accumulated into the base's by one addmm. Saved: x (nothing
+    new: the base layer's input, and not at all when A is frozen, as in LoRA-FA) and x·Aᵀ (N, r);
+    no (N, out) tensor is kept.
+
+    With more tokens than the weight has columns (N > in in forward, N > out in backward), adding
+    s·B·A to the weight first, W' = W + s·B·A (an (out, in) pass), is cheaper than the (N, out) or
+    (N, in) pass that accumulates the low-rank term into the output; then y = x·W'ᵀ, grad_x = g·W'.
+    Same values up to float rounding; W' is a temporary, never kept.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W, bias, A, B, s: float):
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        xa = x2 @ A.T  # (N, r)
+        merged = x2.shape[0] > W.shape[1]
+        W_ = torch.addmm(W, B, A, alpha=s) if merged else W  # (out, in)
+        y = torch.addmm(bias, x2, W_.T) if bias is not None else x2 @ W_.T  # (N, out)
+        if not merged:
+            y.addmm_(xa, B.T, alpha=s)
+        ctx.s = s
+        ctx.save_for_backward(x if ctx.needs_input_grad[3] else None, xa, W, A, B)
+        return y.view(*x.shape[:-1], W.shape[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        x, xa, W, A, B = ctx.saved_tensors
+        s, need = ctx.s, ctx.needs_input_grad
+        g2 = g.reshape(-1, g.shape[-1])  # (N, out)
+        gB = g2 @ B  # (N, r)
+        grad_x = None
+        if need[0]:
+            grad_x = (g2 @ torch.addmm(W, B, A, alpha=s) if g2.shape[0] > W.shape[0]
+                      else (g2 @ W).addmm_(gB, A, alpha=s)).view(*g.shape[:-1], W.shape[1])
+        grad_bias = g2.sum(0) if need[2] else None
+        grad_A = (gB.T @ x.reshape(-1, x.shape[-1])).mul_(s) if need[3] else None  # (r, in)
+        grad_B = (g2.T @ xa).mul_(s) if need[4] else None  # (out, r)
+        return grad_x, None, grad_bias, grad_A, grad_B, None
 
 
 # Per-row adapter routing for mixed batches is set by routing.py for the duration of one forward.

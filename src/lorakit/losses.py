@@ -64,6 +64,8 @@ def _decoder(model: nn.Module) -> nn.Module | None:
 
 def token_loss_sum(model: nn.Module, batch: dict, fused: bool = True) -> tuple[torch.Tensor, int]:
     """(Σ token cross-entropies, number of tokens) for a causal-LM batch with -100 labels."""
+    if hasattr(model, "get_base_model"):  # a PeftModel (ours or PEFT's): its layers live in the inner model
+        model = model.get_base_model()
     labels = batch["labels"]
     shift = labels[:, 1:]  # (B, T-1): position t predicts token t+1
     keep = shift != IGNORE_INDEX

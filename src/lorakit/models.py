@@ -7,7 +7,7 @@ Three kinds of name:
     (`$LORAKIT_CACHE` or ~/.cache/lorakit) so later loads take seconds, not a conversion;
   - anything else: a Hugging Face Hub id, handed to transformers unchanged.
 
-Public: DEFAULT_MODEL, cache_dir, resolve_model, load_model.
+Public: DEFAULT_MODEL, cache_dir, resolve_model, load_model, compile_layers.
 """
 
 from __future__ import annotations
@@ -99,6 +99,24 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device=None,
     _ensure_pad_token(tokenizer, name_or_path)
     model.eval()
     return model, tokenizer
+
+
+def compile_layers(model: torch.nn.Module, **compile_kwargs) -> int:
+    """torch.compile each repeated block (decoder layer) in place; returns how many were compiled.
+
+    Per block rather than the whole model: the blocks share one code path, so one compiled graph
+    serves all of them (compile time does not grow with depth), graph breaks stay local, and
+    gradient checkpointing and lorakit's loss path outside the blocks are left as they are. The
+    first step pays the compilation (tens of seconds on CPU); it pays back only on long runs.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lists = [m for m in inner.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1]
+    if not lists:
+        raise LorakitError(f"compile: found no repeated layers (nn.ModuleList) in {type(inner).__name__}")
+    blocks = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+    for block in blocks:
+        block.compile(**compile_kwargs)
+    return len(blocks)
 
 
 def _pick_dtype(dtype, device: torch.device) -> torch.dtype:
