@@ -33,32 +33,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
-import json
-import os
-import statistics
 import sys
-import tempfile
 import time
 
 
-def _omp_wait_policy(argv: list[str]) -> str:
-    """Set OMP_WAIT_POLICY before torch loads OpenMP (default PASSIVE, see --omp-wait)."""
-    policy = "passive"
-    for i, a in enumerate(argv):
-        if a == "--omp-wait" and i + 1 < len(argv):
-            policy = argv[i + 1]
-        elif a.startswith("--omp-wait="):
-            policy = a.split("=", 1)[1]
-    if policy != "default":
-        os.environ["OMP_WAIT_POLICY"] = policy.upper()
-    return os.environ.get("OMP_WAIT_POLICY", "default (unset)")
+from common import omp_wait_policy  # noqa: E402  (sets OMP_WAIT_POLICY; common imports torch lazily)
 
-
-OMP_WAIT = _omp_wait_policy(sys.argv[1:]) if "torch" not in sys.modules else os.environ.get("OMP_WAIT_POLICY", "?")
+OMP_WAIT = omp_wait_policy(sys.argv[1:])
 
 import torch  # noqa: E402  (after OMP_WAIT_POLICY is set)
-from common import machine_info, write_report  # noqa: E402
+from common import interleaved, machine_info, ms, peak_step_memory, ratio, write_report  # noqa: E402
 
 MODEL = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
              num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048)
@@ -98,11 +82,6 @@ def parse_args(argv=None):
         kind = torch.device(a.device).type
         a.out = f"benchmarks/results/core-{kind}{'-quick' if a.quick else ''}.md"
     return a
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def build_base(layers: int, device, dtype):
@@ -155,54 +134,6 @@ def make_batch(args, device):
     return ids
 
 
-# -- timing --------------------------------------------------------------------------------------------
-
-def interleaved(variants: dict, args, device, budget_s: float) -> tuple[dict, dict]:
-    """Run every variant once per round, the order reversed every other round (A B C, C B A, ...: each
-    variant sits next to the one it is compared with, on either side), after `args.warmup` untimed rounds;
-    at least args.min_rounds and at most args.max_rounds timed rounds, stopping once budget_s is spent.
-    Returns {"wall": ..., "cpu": ...}: seconds per call per variant, wall and process CPU time."""
-    names = list(variants)
-    wall, cpu = {n: [] for n in names}, {n: [] for n in names}
-    r, deadline = 0, None
-    while True:
-        timed = r - args.warmup
-        if timed == 0:
-            deadline = time.perf_counter() + budget_s
-        if timed >= args.max_rounds or (timed >= args.min_rounds and time.perf_counter() > deadline):
-            break
-        order = names if r % 2 == 0 else names[::-1]
-        for n in order:
-            gc.collect()
-            sync(device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            variants[n]()
-            sync(device)
-            if timed >= 0:
-                wall[n].append(time.perf_counter() - t0)
-                cpu[n].append(time.process_time() - c0)
-        r += 1
-    return {"wall": wall, "cpu": cpu}
-
-
-def quartiles(xs: list[float]) -> tuple[float, float, float]:
-    xs = sorted(xs)
-    if len(xs) < 4:
-        return xs[0], statistics.median(xs), xs[-1]
-    q = statistics.quantiles(xs, n=4)
-    return q[0], q[1], q[2]
-
-
-def ratio(times: dict, num: str, den: str) -> dict:
-    per_round = [a / b for a, b in zip(times[num], times[den])]
-    lo, med, hi = quartiles(per_round)
-    return {"median": med, "q1": lo, "q3": hi, "rounds": per_round}
-
-
-def ms(times: dict, name: str) -> float:
-    return 1000 * statistics.median(times[name])
-
-
 # -- the benchmarks --------------------------------------------------------------------------------------
 
 def train_steps(models: dict, ids: torch.Tensor) -> tuple[dict, dict]:
@@ -225,30 +156,6 @@ def train_steps(models: dict, ids: torch.Tensor) -> tuple[dict, dict]:
     for m in models.values():
         m.train()
     return {n: step_fn(n) for n in models}, losses
-
-
-def peak_step_memory(step, device) -> int:
-    """Peak bytes of live tensors allocated during step() above the level before it."""
-    gc.collect()
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        step()
-        sync(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-    totals = [e["args"]["Total Allocated"] for e in events
-              if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0]
-    return max(totals) if totals else 0
 
 
 def logits_fn(model, ids, keep: dict, name: str):

@@ -8,12 +8,15 @@ runs in its own subprocess so peak memory is its own (RSS on CPU, CUDA max alloc
   PEFT:    get_peft_model + the usual loop: random batches padded to the longest, model(labels=...)
            (full logits over every position), AdamW.
 
-Data: a synthetic chat set with realistic length variation (long prompts, short answers), rendered
-with SmolLM2's chat template; both sides see the same token ids and the same loss mask.
+Data: `--data synthetic` (default), a chat set with realistic length variation (long prompts, short
+answers) on a random-init model of the chosen shape; or `--data demo`, the demo's date-normalisation
+set (examples/demo, 400 examples) encoded with the real SmolLM2-135M-Instruct's chat template, on that
+model. Both sides see the same token ids and the same loss mask.
 Reports real (non-padding) tokens per second, eval loss after training, and peak memory.
 
     python benchmarks/bench_train.py                    # CPU, SmolLM2-135M-shaped random Llama
     python benchmarks/bench_train.py --device cuda      # GPU, bf16 autocast
+    python benchmarks/bench_train.py --data demo --examples 400 --batch-size 8 --max-tokens 384
 """
 
 from __future__ import annotations
@@ -57,6 +60,15 @@ def build(shape: str, device: str, dtype: torch.dtype):
     return LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
 
 
+def demo_data(n: int, device: str, dtype: torch.dtype):
+    """The real default model and the demo's examples (prompt-masked through its chat template)."""
+    from lorakit import data, models, records
+    model, tok = models.load_model(models.DEFAULT_MODEL, dtype=dtype, device=device)
+    root = Path(__file__).resolve().parent.parent / "examples" / "demo"
+    encode = lambda path: [data.encode(r, tok, 96) for r in records.load_records(root / path)]  # noqa: E731
+    return model, encode("train.jsonl")[:n], encode("eval.jsonl")
+
+
 def peak_memory(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
@@ -69,9 +81,12 @@ def run_side(args) -> dict:
     torch.set_num_threads(args.threads)
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    vocab = SHAPES[args.shape][5]
-    train_set, eval_set = make_examples(args.examples, 0, vocab), make_examples(32, 1, vocab)
-    model = build(args.shape, device, dtype)
+    if args.data == "demo":
+        model, train_set, eval_set = demo_data(args.examples, device, dtype)
+    else:
+        vocab = SHAPES[args.shape][5]
+        train_set, eval_set = make_examples(args.examples, 0, vocab), make_examples(32, 1, vocab)
+        model = build(args.shape, device, dtype)
     config_kw = dict(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0)
     if args.side == "peft":
         import peft
@@ -113,8 +128,12 @@ def _batches(side, examples, batch_size, max_tokens):
         for i in range(0, len(order), batch_size):
             yield batching.collate([examples[j] for j in order[i:i + batch_size]], pad_id=0)
         return
+    if not max_tokens:  # lorakit without packing: the trainer's default, length-grouped padded batches
+        yield from batching.batches(examples, batch_size, seed=0, pad_id=0, group_by_length=True)
+        return
     rows = batching.pack(examples, max_tokens)  # lorakit: full rows, no padding
-    per_batch = max(1, batch_size * 250 // max_tokens)  # about the same tokens per step as PEFT's batches
+    mean_len = sum(len(e["input_ids"]) for e in examples) / len(examples)
+    per_batch = max(1, round(batch_size * mean_len / max_tokens))  # about the same tokens per step as PEFT's
     yield from batching.batches(rows, per_batch, seed=0, pad_id=0)
 
 
@@ -146,9 +165,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--shape", default="smollm2-135m", choices=list(SHAPES))
+    p.add_argument("--data", default="synthetic", choices=["synthetic", "demo"])
     p.add_argument("--examples", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-tokens", type=int, default=768, help="packed row length (lorakit); attention cost grows with it")
+    p.add_argument("--max-tokens", type=int, default=768, help="packed row length (lorakit); attention cost grows with it; 0: no packing, "
+                   "length-grouped padded batches (the trainer's default)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--side", choices=["lorakit", "peft"], help=argparse.SUPPRESS)
     p.add_argument("--out", help="write the markdown table here too")
@@ -172,11 +193,13 @@ def main() -> None:
 def _table(r: dict, args) -> str:
     lk, pf = r["lorakit"], r["peft"]
     dev = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
-    lines = [f"End-to-end training, {args.shape} (random init), r=16 all-linear, {args.examples} chat examples, "
+    how = f"packed {args.max_tokens}-token rows" if args.max_tokens else "length-grouped batches"
+    what = ("SmolLM2-135M-Instruct (real weights), demo date data" if args.data == "demo"
+            else f"{args.shape} (random init), synthetic chat data")
+    lines = [f"End-to-end training, {what}, r=16 all-linear, {lk['real_tokens']} real tokens, "
              f"1 epoch, device {args.device} ({dev}), torch {torch.__version__}",
-             f"command: python benchmarks/bench_train.py --device {args.device} --shape {args.shape} "
-             f"--examples {args.examples}", "",
-             "| | PEFT (padded loop) | lorakit (packed, label-only loss) | ratio |", "|---|---|---|---|",
+             "command: python benchmarks/bench_train.py " + " ".join(a for a in sys.argv[1:]), "",
+             f"| | PEFT (padded loop) | lorakit ({how}, label-only loss) | ratio |", "|---|---|---|---|",
              f"| real tokens/s | {pf['tokens_per_s']:.0f} | {lk['tokens_per_s']:.0f} | "
              f"{lk['tokens_per_s'] / pf['tokens_per_s']:.2f}x |",
              f"| tokens computed (incl. padding) | {pf['padded_tokens']} | {lk['padded_tokens']} | |",

@@ -1,0 +1,252 @@
+"""One LoRA training step, lorakit vs PEFT vs the frozen-base floor, over a grid of batch × length.
+
+    python benchmarks/bench_step.py                  # CPU fp32, SmolLM2-135M shape, ~20 min
+    python benchmarks/bench_step.py --quick          # 4 layers, small grid: a smoke test, not the numbers
+    python benchmarks/bench_step.py --device cuda --dtype bf16
+
+Variants, all on the same base weights and the same batch, timed interleaved in one process:
+  floor      the frozen base, no adapter: forward + backward through the activations only (the input
+             embeddings require grad), with lorakit's loss path. Any LoRA step pays at least this.
+  floor_hf   the same frozen base with the usual `model(labels=...).loss` (logits at every position).
+  lorakit    lorakit's trainer step: token_loss_sum (logits only where labels are) / n, backward, AdamW.
+  compiled   the same with lorakit's compile switch (--compile; each decoder layer through torch.compile).
+  ckpt       the same with per-layer gradient checkpointing (--checkpointing; train.gradient_checkpointing).
+  peft       PEFT's get_peft_model + model(labels=...).loss, backward, AdamW (PEFT + Trainer's step).
+LoRA: r=16, alpha=32, all-linear, dropout 0; the optimizer step is in the timed step for lorakit and PEFT.
+
+Batches: a fully labelled grid (every token carries loss), and a prompt-masked chat batch (the
+synthetic chat examples of bench_train.py: 40-600-token prompts, 8-160-token answers, padded to the
+longest, loss on answers only). The chat batch is where label-only logits pay.
+
+Time: median of per-round ratios of process CPU time (CPU) or synchronised wall time (CUDA), the
+order reversed each round (see common.interleaved). Memory: for each variant, one step's peak above
+the level before it: process RSS on CPU (VmHWM after a reset, with glibc's mmap threshold fixed so
+freed tensors leave RSS) and live tensor bytes (torch.profiler); CUDA max allocated on GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+
+from common import omp_wait_policy
+
+OMP_WAIT = omp_wait_policy(sys.argv[1:])
+
+import torch  # noqa: E402  (after OMP_WAIT_POLICY is set)
+from bench_core import MODEL, DTYPES, build_base  # noqa: E402
+from bench_train import make_examples  # noqa: E402
+from common import (fixed_mmap_threshold, interleaved, machine_info, ms, peak_rss_growth,  # noqa: E402
+                    peak_step_memory, ratio, write_report)
+
+EXTRAS = ("compiled", "ckpt")  # optional lorakit variants, reported against the floor and plain lorakit
+GRID = [(1, 512), (4, 128), (4, 512), (8, 256)]
+QUICK_EXTRAS = ("compiled", "ckpt")  # optional lorakit variants, reported against the floor and plain lorakit
+GRID = [(2, 64), (2, 256)]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="4 layers, a small grid, 2 rounds: a smoke test")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default 30, the real shape)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--grid", default=None, help="cells as BxT,BxT (default 1x512,4x128,4x512,8x256)")
+    p.add_argument("--chat-batch", type=int, default=4, help="rows in the prompt-masked chat batch (0: skip)")
+    p.add_argument("--compile", action="store_true", help="add the torch.compile variant")
+    p.add_argument("--checkpointing", action="store_true", help="add the gradient-checkpointing variant")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds per cell (default 5; quick 2)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--omp-wait", default="passive", choices=["passive", "active", "default"])
+    p.add_argument("--out", default=None, help="markdown file (default benchmarks/results/step-<device>.md)")
+    a = p.parse_args(argv)
+    a.layers = a.layers or (4 if a.quick else MODEL["num_hidden_layers"])
+    a.rounds = a.rounds or (2 if a.quick else 5)
+    a.min_rounds = a.max_rounds = a.rounds
+    a.cells = ([tuple(int(v) for v in c.split("x")) for c in a.grid.split(",")] if a.grid
+               else QUICK_GRID if a.quick else GRID)
+    if a.out is None:
+        a.out = f"benchmarks/results/step-{torch.device(a.device).type}{'-quick' if a.quick else ''}.md"
+    return a
+
+
+# -- models and steps ------------------------------------------------------------------------------------
+
+def build_variants(base, compile_: bool, checkpointing: bool = False) -> dict:
+    import lorakit
+    import peft
+    kw = dict(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
+    torch.manual_seed(1)
+    models = {"floor": base, "peft": peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))}
+    torch.manual_seed(1)
+    models["lorakit"] = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(**kw))
+    if compile_:
+        torch.manual_seed(1)
+        models["compiled"] = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(**kw))
+        lorakit.compile_layers(models["compiled"])
+    if checkpointing:
+        torch.manual_seed(1)
+        models["ckpt"] = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(**kw))
+        models["ckpt"].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with torch.no_grad():  # the same non-zero B everywhere, so the adapter really contributes
+        named = [{n.removesuffix(".weight"): p for n, p in m.named_parameters() if ".lora_B." in n}
+                 for k, m in models.items() if k != "floor"]
+        for name, p in named[0].items():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(hash(name) % 2**31)) * 0.01)
+            for other in named[1:]:
+                other[name].copy_(p)
+    for m in models.values():
+        m.train()
+    base.requires_grad_(False)
+    base.enable_input_require_grads()  # the floor back-propagates through every activation
+    return models
+
+
+def steps_for(models: dict, batch: dict, losses: dict) -> dict:
+    from lorakit.losses import token_loss_sum
+
+    def ours(model, opt):
+        def step():
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+            loss_sum, n = token_loss_sum(model, batch)
+            (loss_sum / n).backward()
+            if opt is not None:
+                opt.step()
+            return float(loss_sum) / n
+        return step
+
+    def hf(model, opt):
+        def step():
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+            loss = model(**batch).loss
+            loss.backward()
+            if opt is not None:
+                opt.step()
+            return float(loss)
+        return step
+
+    def adamw(model):
+        # fused, as lorakit's trainer and HF Trainer's default ("adamw_torch_fused") both use
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+
+    fns = {"floor": ours(models["floor"], None), "floor_hf": hf(models["floor"], None),
+           "lorakit": ours(models["lorakit"], adamw(models["lorakit"])),
+           "peft": hf(models["peft"], adamw(models["peft"]))}
+    for extra in EXTRAS:
+        if extra in models:
+            fns[extra] = ours(models[extra], adamw(models[extra]))
+
+    def recorded(name, fn):
+        return lambda: losses.setdefault(name, []).append(fn())
+    return {n: recorded(n, f) for n, f in fns.items()}
+
+
+def labelled_batch(b: int, t: int, device) -> dict:
+    ids = torch.randint(3, MODEL["vocab_size"], (b, t), generator=torch.Generator().manual_seed(3)).to(device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def chat_batch(rows: int, device) -> dict:
+    from lorakit import batching
+    batch = batching.collate(make_examples(rows, 5, MODEL["vocab_size"]), pad_id=0)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# -- one cell --------------------------------------------------------------------------------------------
+
+def run_cell(label: str, models: dict, batch: dict, args, device, log) -> dict:
+    losses: dict = {}
+    steps = steps_for(models, batch, losses)
+    extras = [e for e in EXTRAS if e in steps]
+    order = ["floor", "lorakit", "peft", "floor_hf"] + extras
+    times = interleaved({n: steps[n] for n in order}, args, device, budget_s=0.0)
+    metric = "cpu" if device.type == "cpu" else "wall"
+    mem = {n: {"tensor": peak_step_memory(steps[n], device) / 2**20,
+               "rss": (peak_rss_growth(steps[n]) or 0) / 2**20 if device.type == "cpu" else None} for n in order}
+    n_tokens = int(batch["attention_mask"].sum())
+    n_labels = int((batch["labels"][:, 1:] != -100).sum())
+    cell = {"label": label, "shape": tuple(batch["input_ids"].shape), "tokens": n_tokens, "labels": n_labels,
+            "ms": {n: ms(times["wall"], n) for n in order}, "mem": mem,
+            "r": {"lorakit/floor": ratio(times[metric], "lorakit", "floor"),
+                  "lorakit/peft": ratio(times[metric], "lorakit", "peft"),
+                  "peft/floor_hf": ratio(times[metric], "peft", "floor_hf")},
+            "loss_diff": abs(losses["lorakit"][0] - losses["peft"][0])}
+    for e in extras:
+        cell["r"][f"{e}/floor"] = ratio(times[metric], e, "floor")
+        cell["r"][f"{e}/lorakit"] = ratio(times[metric], e, "lorakit")
+    log(f"{label}: " + ", ".join(f"{n}={v:.0f}ms" for n, v in cell["ms"].items())
+        + " | " + ", ".join(f"{k}={v['median']:.3f}" for k, v in cell["r"].items()))
+    return cell
+
+
+# -- report ----------------------------------------------------------------------------------------------
+
+def fmt(r: dict) -> str:
+    return f"{r['median']:.3f} [{r['q1']:.3f}–{r['q3']:.3f}]"
+
+
+def report(cells: list[dict], args, info: list[str], seconds: float, device) -> str:
+    cmd = "python benchmarks/bench_step.py " + " ".join(sys.argv[1:])
+    extras = [e for e in EXTRAS if f"{e}/floor" in cells[0]["r"]]
+    out = [f"# One LoRA training step: lorakit vs PEFT vs the frozen-base floor ({device.type}, {args.dtype})", "",
+           f"Command: `{cmd.strip()}`  (whole run {seconds:.0f} s)", "", *info,
+           f"- model: SmolLM2-135M-shaped Llama, {args.layers} layers"
+           + (" (**reduced: not the reference numbers**)" if args.layers != MODEL["num_hidden_layers"] else "")
+           + "; LoRA r=16, alpha=32, all-linear, dropout 0; AdamW in the lorakit and PEFT steps",
+           f"- {args.warmup} warmup + {args.rounds} timed rounds per cell, variants interleaved; ratio = median of "
+           f"per-round ratios of {'process CPU time' if device.type == 'cpu' else 'wall time'} [IQR]",
+           f"- OMP_WAIT_POLICY={OMP_WAIT}", "", "## Time", "",
+           "| batch | tokens (labelled) | floor ms | lorakit ms | PEFT ms | lorakit / floor (≤ 1.05) | "
+           "lorakit / PEFT | PEFT / its floor (HF loss)" + "".join(f" | {e} / floor | {e} / lorakit" for e in extras)
+           + " |", "|---|---|---:|---:|---:|---|---|---" + "|---|---" * len(extras) + "|"]
+    for c in cells:
+        row = (f"| {c['label']} | {c['tokens']} ({c['labels']}) | {c['ms']['floor']:.0f} | {c['ms']['lorakit']:.0f} | "
+               f"{c['ms']['peft']:.0f} | {fmt(c['r']['lorakit/floor'])} | {fmt(c['r']['lorakit/peft'])} | "
+               f"{fmt(c['r']['peft/floor_hf'])}")
+        row += "".join(f" | {fmt(c['r'][f'{e}/floor'])} | {fmt(c['r'][f'{e}/lorakit'])}" for e in extras)
+        out.append(row + " |")
+    kinds = ["rss", "tensor"] if device.type == "cpu" else ["tensor"]
+    unit = {"rss": "RSS", "tensor": "tensor bytes" if device.type == "cpu" else "CUDA max allocated"}
+    out += ["", "## Peak memory of one step (MiB above the level before it)", "",
+            "| batch | " + " | ".join(f"floor {unit[k]} | lorakit {unit[k]} | PEFT {unit[k]} | lorakit / PEFT"
+                                      for k in kinds) + " |", "|---" + "|---:|---:|---:|---" * len(kinds) + "|"]
+    for c in cells:
+        m = c["mem"]
+        out.append(f"| {c['label']} | " + " | ".join(
+            f"{m['floor'][k]:.0f} | {m['lorakit'][k]:.0f} | {m['peft'][k]:.0f} | "
+            f"**{m['lorakit'][k] / max(m['peft'][k], 1e-9):.2f}**" for k in kinds) + " |")
+    if "ckpt" in extras:
+        out += ["", "With gradient checkpointing (ckpt), peak " + ", ".join(
+            f"{c['label']}: {c['mem']['ckpt'][kinds[0]]:.0f} MiB {unit[kinds[0]]} "
+            f"({c['mem']['ckpt'][kinds[0]] / max(c['mem']['peft'][kinds[0]], 1e-9):.2f}× PEFT)" for c in cells)]
+    out += ["", "First-step loss, lorakit vs PEFT (same weights, same batch; must agree): "
+            + ", ".join(f"{c['label']} {c['loss_diff']:.1e}" for c in cells)]
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+        fixed_mmap_threshold()
+    t0 = time.perf_counter()
+    log = lambda *a: print(f"[{time.perf_counter() - t0:6.1f}s]", *a, file=sys.stderr, flush=True)  # noqa: E731
+    info = machine_info(args, device)
+    models = build_variants(build_base(args.layers, device, dtype), args.compile, args.checkpointing)
+    cells = [run_cell(f"{b}×{t} labelled", models, labelled_batch(b, t, device), args, device, log)
+             for b, t in args.cells]
+    if args.chat_batch:
+        cells.append(run_cell(f"{args.chat_batch}-row chat (padded)", models, chat_batch(args.chat_batch, device),
+                              args, device, log))
+    write_report(args.out, report(cells, args, info, time.perf_counter() - t0, device), log)
+    return 0 if all(c["loss_diff"] < (1e-4 if dtype == torch.float32 else 5e-2) for c in cells) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
