@@ -188,7 +188,7 @@ def _reference_grads(layer, x, name="default"):
     return y, x
 
 
-@pytest.mark.parametrize("case", ["plain", "bias_trained", "lora_fa", "input_frozen"])
+@pytest.mark.parametrize("case", ["plain", "bias_trained", "lora_fa", "input_frozen", "many_tokens"])
 def test_fused_training_path_matches_autograd_formula(case):
     """The training fast path (one autograd node per layer) gives the formula's output and gradients."""
     from lorakit.layers import LoraLayer
@@ -202,9 +202,10 @@ def test_fused_training_path_matches_autograd_formula(case):
         layer.base_layer.bias.requires_grad_(True)
     if case == "lora_fa":
         layer.lora_A["default"].requires_grad_(False)
-    x = torch.randn(2, 5, 12, requires_grad=case != "input_frozen")
+    rows = 20 if case == "many_tokens" else 5  # 40 tokens > 12 inputs, 7 outputs: the merged-weight branch
+    x = torch.randn(2, rows, 12, requires_grad=case != "input_frozen")
     assert layer._fused_adapter(x, (), {}) == "default"
-    g = torch.randn(2, 5, 7)
+    g = torch.randn(2, rows, 7)
     y = layer(x)
     assert type(y.grad_fn).__name__ == "_LoraLinearBackward"
     params = [p for p in layer.parameters() if p.requires_grad]
