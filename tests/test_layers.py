@@ -202,7 +202,7 @@ def test_fused_training_path_matches_autograd_formula(case):
         layer.base_layer.bias.requires_grad_(True)
     if case == "lora_fa":
         layer.lora_A["default"].requires_grad_(False)
-    rows = 20 if case == "many_tokens" else 5  # 40 tokens > 12 inputs, 7 outputs: the merged-weight branch
+    rows = 20 if case == "many_tokens" else 5  # more tokens than inputs and outputs
     x = torch.randn(2, rows, 12, requires_grad=case != "input_frozen")
     assert layer._fused_adapter(x, (), {}) == "default"
     g = torch.randn(2, rows, 7)

@@ -313,22 +313,16 @@ class _LoraLinear(torch.autograd.Function):
     with the adapter's part of grad_x accumulated into the base's by one addmm. Saved: x (nothing
     new: the base layer's input, and not at all when A is frozen, as in LoRA-FA) and x·Aᵀ (N, r);
     no (N, out) tensor is kept.
-
-    With more tokens than the weight has columns (N > in in forward, N > out in backward), adding
-    s·B·A to the weight first, W' = W + s·B·A (an (out, in) pass), is cheaper than the (N, out) or
-    (N, in) pass that accumulates the low-rank term into the output; then y = x·W'ᵀ, grad_x = g·W'.
-    Same values up to float rounding; W' is a temporary, never kept.
+    (Folding s·B·A into a temporary weight when tokens outnumber its columns was tried and dropped:
+    no gain we could measure over the step, see docs/benchmarks.md.)
     """
 
     @staticmethod
     def forward(ctx, x, W, bias, A, B, s: float):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         xa = x2 @ A.T  # (N, r)
-        merged = x2.shape[0] > W.shape[1]
-        W_ = torch.addmm(W, B, A, alpha=s) if merged else W  # (out, in)
-        y = torch.addmm(bias, x2, W_.T) if bias is not None else x2 @ W_.T  # (N, out)
-        if not merged:
-            y.addmm_(xa, B.T, alpha=s)
+        y = torch.addmm(bias, x2, W.T) if bias is not None else x2 @ W.T  # (N, out)
+        y.addmm_(xa, B.T, alpha=s)
         ctx.s = s
         ctx.save_for_backward(x if ctx.needs_input_grad[3] else None, xa, W, A, B)
         return y.view(*x.shape[:-1], W.shape[0])
@@ -339,10 +333,7 @@ class _LoraLinear(torch.autograd.Function):
         s, need = ctx.s, ctx.needs_input_grad
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
         gB = g2 @ B  # (N, r)
-        grad_x = None
-        if need[0]:
-            grad_x = (g2 @ torch.addmm(W, B, A, alpha=s) if g2.shape[0] > W.shape[0]
-                      else (g2 @ W).addmm_(gB, A, alpha=s)).view(*g.shape[:-1], W.shape[1])
+        grad_x = (g2 @ W).addmm_(gB, A, alpha=s).view(*g.shape[:-1], W.shape[1]) if need[0] else None
         grad_bias = g2.sum(0) if need[2] else None
         grad_A = (gB.T @ x.reshape(-1, x.shape[-1])).mul_(s) if need[3] else None  # (r, in)
         grad_B = (g2.T @ xa).mul_(s) if need[4] else None  # (out, r)
