@@ -141,7 +141,7 @@ def test_speed_switches_keep_loss_and_gradients(switch):
     if switch == "compile":
         assert lorakit.compile_layers(model) == 2
     else:
-        train_mod._enable_checkpointing(model)
+        lorakit.enable_checkpointing(model)
     loss, grads = _adapter_grads(model, batch)
     if switch == "compile":  # really compiled, not silently run eagerly
         from torch._dynamo.utils import counters

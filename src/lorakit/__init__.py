@@ -35,7 +35,7 @@ from .peft_compat import (
     PeftModelForTokenClassification,
     get_peft_model,
 )
-from .models import compile_layers, load_model
+from .models import compile_layers, enable_checkpointing, load_model
 from .quant import merge_to_full_precision, quantization_config, quantize_model, weight_memory_report
 from .routing import adapter_rows
 from .runs import RunConfig, load_run

@@ -58,7 +58,8 @@ def train(cfg: runs.RunConfig, resume: bool = False, progress: bool = True, mode
     adapters.add_adapter(model, runs.lora_config(cfg))
     _adapters_to_fp32(model)
     if t.gradient_checkpointing:
-        _enable_checkpointing(model)
+        from .models import enable_checkpointing
+        enable_checkpointing(model)
     if t.compile:
         from .models import compile_layers
         compile_layers(model)
@@ -134,14 +135,6 @@ def _device_and_precision(t: runs.TrainSection) -> tuple[torch.device, torch.dty
     if t.precision == "fp16":
         return device, torch.float16
     return device, torch.bfloat16
-
-
-def _enable_checkpointing(model) -> None:
-    """Recompute each decoder layer in backward (non-reentrant); transformers >= 5.2x names it activation_…"""
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _seed_everything(seed: int) -> None:
