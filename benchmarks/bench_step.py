@@ -21,13 +21,16 @@ longest, loss on answers only). The chat batch is where label-only logits pay.
 Time: median of per-round ratios of process CPU time (CPU) or synchronised wall time (CUDA), the
 order reversed each round (see common.interleaved). Memory: for each variant, one step's peak above
 the level before it: process RSS on CPU (VmHWM after a reset, with glibc's mmap threshold fixed so
-freed tensors leave RSS) and live tensor bytes (torch.profiler); CUDA max allocated on GPU.
+freed tensors leave RSS; measured in a child process so that this setting does not tax the timed
+steps' allocations) and live tensor bytes (torch.profiler); CUDA max allocated on GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import subprocess
 import sys
 import time
 import zlib
@@ -61,6 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per cell (default 5; quick 2)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--omp-wait", default="passive", choices=["passive", "active", "default"])
+    p.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)  # see cpu_memory_in_child
     p.add_argument("--out", default=None, help="markdown file (default benchmarks/results/step-<device>.md)")
     a = p.parse_args(argv)
     a.layers = a.layers or (4 if a.quick else MODEL["num_hidden_layers"])
@@ -167,8 +171,7 @@ def run_cell(label: str, models: dict, batch: dict, args, device, log) -> dict:
     order = ["floor", "lorakit", "peft", "floor_hf"] + extras
     times = interleaved({n: steps[n] for n in order}, args, device, budget_s=0.0)
     metric = "cpu" if device.type == "cpu" else "wall"
-    mem = {n: {"tensor": peak_step_memory(steps[n], device) / 2**20,
-               "rss": (peak_rss_growth(steps[n]) or 0) / 2**20 if device.type == "cpu" else None} for n in order}
+    mem = memory_of(steps, order, device) if device.type != "cpu" else None  # CPU: in a child process
     n_tokens = int(batch["attention_mask"].sum())
     n_labels = int((batch["labels"][:, 1:] != -100).sum())
     cell = {"label": label, "shape": tuple(batch["input_ids"].shape), "tokens": n_tokens, "labels": n_labels,
@@ -183,6 +186,27 @@ def run_cell(label: str, models: dict, batch: dict, args, device, log) -> dict:
     log(f"{label}: " + ", ".join(f"{n}={v:.0f}ms" for n, v in cell["ms"].items())
         + " | " + ", ".join(f"{k}={v['median']:.3f}" for k, v in cell["r"].items()))
     return cell
+
+
+def memory_of(steps: dict, order: list, device) -> dict:
+    """Each variant's peak memory over one step (after one unmeasured step: optimizer states exist)."""
+    for n in order:
+        steps[n]()
+    return {n: {"tensor": peak_step_memory(steps[n], device) / 2**20,
+                "rss": (peak_rss_growth(steps[n]) or 0) / 2**20 if device.type == "cpu" else None} for n in order}
+
+
+def cpu_memory_in_child(argv: list[str], log) -> list[dict]:
+    """Run this benchmark with --memory-only in a fresh process; its per-cell memory dicts.
+
+    RSS is read with glibc's mmap threshold fixed (see common.fixed_mmap_threshold), which makes every
+    large tensor a fresh mmap with page faults: right for following live memory, wrong for timing
+    (it taxes whichever variant allocates more). So times come from this process, which keeps
+    glibc's defaults as training does, and memory from a child."""
+    log("memory: measuring in a child process (fixed mmap threshold)")
+    out = subprocess.run([sys.executable, __file__, *argv, "--memory-only"], check=True,
+                         stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 # -- report ----------------------------------------------------------------------------------------------
@@ -221,10 +245,11 @@ def report(cells: list[dict], args, info: list[str], seconds: float, device) -> 
         out.append(f"| {c['label']} | " + " | ".join(
             f"{m['floor'][k]:.0f} | {m['lorakit'][k]:.0f} | {m['peft'][k]:.0f} | "
             f"**{m['lorakit'][k] / max(m['peft'][k], 1e-9):.2f}**" for k in kinds) + " |")
-    if "ckpt" in extras:
-        out += ["", "With gradient checkpointing (ckpt), peak " + ", ".join(
-            f"{c['label']}: {c['mem']['ckpt'][kinds[0]]:.0f} MiB {unit[kinds[0]]} "
-            f"({c['mem']['ckpt'][kinds[0]] / max(c['mem']['peft'][kinds[0]], 1e-9):.2f}× PEFT)" for c in cells)]
+    for e, what in (("compiled", "compiled (train.compile)"), ("ckpt", "with gradient checkpointing (ckpt)")):
+        if e in extras:
+            out += ["", f"Peak {what}: " + ", ".join(
+                f"{c['label']}: {c['mem'][e][kinds[0]]:.0f} MiB {unit[kinds[0]]} "
+                f"({c['mem'][e][kinds[0]] / max(c['mem']['peft'][kinds[0]], 1e-9):.2f}× PEFT)" for c in cells)]
     out += ["", "First-step loss, lorakit vs PEFT (same weights, same batch; must agree): "
             + ", ".join(f"{c['label']} {c['loss_diff']:.1e}" for c in cells)]
     return "\n".join(out) + "\n"
@@ -235,16 +260,23 @@ def main(argv=None) -> int:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-        fixed_mmap_threshold()
+        if args.memory_only:
+            fixed_mmap_threshold()
     t0 = time.perf_counter()
     log = lambda *a: print(f"[{time.perf_counter() - t0:6.1f}s]", *a, file=sys.stderr, flush=True)  # noqa: E731
     info = machine_info(args, device)
     models = build_variants(build_base(args.layers, device, dtype), args.compile, args.checkpointing)
-    cells = [run_cell(f"{b}×{t} labelled", models, labelled_batch(b, t, device), args, device, log)
-             for b, t in args.cells]
+    batches = [(f"{b}×{t} labelled", labelled_batch(b, t, device)) for b, t in args.cells]
     if args.chat_batch:
-        cells.append(run_cell(f"{args.chat_batch}-row chat (padded)", models, chat_batch(args.chat_batch, device),
-                              args, device, log))
+        batches.append((f"{args.chat_batch}-row chat (padded)", chat_batch(args.chat_batch, device)))
+    if args.memory_only:  # the child of cpu_memory_in_child: one JSON line on stdout
+        order = [n for n in ["floor", "lorakit", "peft", "floor_hf", *EXTRAS] if n in models or n == "floor_hf"]
+        print(json.dumps([memory_of(steps_for(models, batch, {}), order, device) for _, batch in batches]))
+        return 0
+    cells = [run_cell(label, models, batch, args, device, log) for label, batch in batches]
+    if device.type == "cpu":
+        for cell, mem in zip(cells, cpu_memory_in_child(sys.argv[1:], log), strict=True):
+            cell["mem"] = mem
     write_report(args.out, report(cells, args, info, time.perf_counter() - t0, device), log)
     return 0 if all(c["loss_diff"] < (1e-4 if dtype == torch.float32 else 5e-2) for c in cells) else 1
 

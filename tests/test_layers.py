@@ -238,3 +238,56 @@ def test_fused_training_path_gives_model_gradients_of_general_path(kind, ids, mo
     assert l1 == pytest.approx(l2, rel=1e-6)
     for n in g1:
         assert torch.allclose(g1[n], g2[n], rtol=1e-5, atol=1e-7), n
+
+
+def _lora_nodes(loss):
+    """Every _LoraLinear autograd node in loss's graph."""
+    seen, stack, found = set(), [loss.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "_LoraLinearBackward":
+            found.append(node)
+        stack.extend(n for n, _ in node.next_functions)
+    return found
+
+
+def test_fused_path_rebuilds_norm_and_swiglu_inputs_instead_of_keeping_them(ids, monkeypatch):
+    """Memory: the inputs of q/k/v and gate/up (RMSNorm outputs) and of down (silu(g)·u) are not kept
+    when the base keeps their factors; backward multiplies the factors again, with gradients
+    bit-identical to keeping them."""
+    model = lorakit.get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model.train()
+    grads = []
+    for rebuild in (True, False):
+        if not rebuild:
+            monkeypatch.setattr(lorakit.recompute, "plan", lambda x: None)
+        model.zero_grad()
+        loss = model(input_ids=ids).logits.square().mean()
+        nodes = _lora_nodes(loss)
+        assert len(nodes) == 14  # 2 layers x 7 projections
+        kept = sum(node.saved_tensors[0] is not None for node in nodes)
+        # kept when rebuilding: layer 0's q/k/v (input from frozen embeddings: nothing to rebuild from)
+        # and both o_proj (a view of the attention output, which attention keeps itself)
+        assert kept == (5 if rebuild else 14)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for n in grads[0]:
+        assert torch.equal(grads[0][n], grads[1][n]), n
+
+
+def test_recompute_plan_follows_the_product_rule():
+    from lorakit import recompute
+    h = torch.randn(3, 4, requires_grad=True)
+    w, leaf = torch.randn(4), torch.randn(3, 4, requires_grad=True)
+    r = torch.rsqrt(h.square().mean(-1, keepdim=True) + 1e-6)
+    x = w * (h * r)  # RMSNorm: w kept, h·r not kept but itself a product of kept h and r
+    assert recompute.plan(x) is x.grad_fn
+    assert torch.equal(recompute.replay(recompute.plan(x)), x)
+    assert recompute.plan(leaf * w) is None  # the leaf is not kept (w needs no grad): nothing to rebuild from
+    assert recompute.plan((h * r).clone()) is None  # not a product's direct output
+    assert recompute.plan(w * 2.0) is None  # no graph
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        assert recompute.plan(w * (h * r)) is None  # checkpointing-style hooks: keep x
