@@ -289,5 +289,21 @@ def test_recompute_plan_follows_the_product_rule():
     assert recompute.plan(leaf * w) is None  # the leaf is not kept (w needs no grad): nothing to rebuild from
     assert recompute.plan((h * r).clone()) is None  # not a product's direct output
     assert recompute.plan(w * 2.0) is None  # no graph
+    for act in (torch.nn.functional.silu, torch.nn.functional.gelu, lambda t: torch.nn.functional.gelu(t, approximate="tanh")):
+        y = act(h)  # an activation keeps its input
+        assert torch.equal(recompute.replay(recompute.plan(y)), y)
+    y = torch.nn.functional.silu(h) * (h * r)  # SwiGLU-like: both factors kept
+    assert torch.equal(recompute.replay(recompute.plan(y)), y)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         assert recompute.plan(w * (h * r)) is None  # checkpointing-style hooks: keep x
+
+
+def test_fused_path_rebuilds_gelu_input_in_bert(ids):
+    """BERT-style MLPs: the output dense layer's input gelu(h) is rebuilt from h, which GELU keeps."""
+    from conftest import tiny_bert
+    model = lorakit.get_peft_model(tiny_bert(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model.train()
+    nodes = _lora_nodes(model(input_ids=ids).logits.square().mean())
+    rebuilt = [node for node in nodes if node.saved_tensors[0] is None]
+    assert len(nodes) == 14 and len(rebuilt) == 2  # 2 layers x 6 projections + pooler + classifier; 1 GELU each layer
+    assert all(type(node.x_node).__name__ == "GeluBackward0" for node in rebuilt)

@@ -1,34 +1,40 @@
 """Rebuilding a LoRA layer's input in backward instead of keeping it.
 
-A's gradient needs the layer's input x (N, in), so a LoRA layer has to keep x until backward. The frozen
-base does not need x itself when x is a product: it keeps the factors for its own backward (RMSNorm
-keeps h and rsqrt(mean(h²)+eps) for weight·(h·rsqrt); SwiGLU keeps silu(g) and u for silu(g)·u).
-Keeping x as well costs one (N, in) tensor per adapted layer, on SmolLM2 about a quarter of a
-step's peak memory. So when x comes straight out of such products, the LoRA layer keeps a reference
-to x's autograd node instead, and backward multiplies the kept factors again: the same elementwise
-ops on the same tensors, so bit-identical to the forward's x, for the price of a pass over (N, in).
+A's gradient needs the layer's input x (N, in), so a LoRA layer has to keep x until backward. The
+frozen base often does not need x itself, only what x was computed from: RMSNorm keeps h and
+rsqrt(mean(h²)+eps) for x = weight·(h·rsqrt), SwiGLU keeps silu(g) and u for x = silu(g)·u, a GELU
+keeps its input h for x = gelu(h). Keeping x as well costs one (N, in) tensor per adapted layer: on
+SmolLM2 a fifth of a training step's peak memory. So when x comes straight out of such an op, the LoRA
+layer keeps a reference to x's autograd node instead, and backward runs the op again on the tensors
+the node kept: the same kernel on the same tensors, so bit-identical to the forward's x, for the
+price of one elementwise pass over (N, in).
 
-Which factors autograd keeps follows from the product rule: for y = a·b it keeps a if b requires grad
-(d/db needs a) and b if a requires grad; a factor that is not kept requires grad itself, so it has a
-node of its own, and when that is a product too it can be rebuilt the same way. `plan` checks this
-from the graph's structure only (no saved tensor is unpacked in forward, which under gradient
-checkpointing would start a recomputation); `replay` unpacks and multiplies.
+What a product's node keeps follows from the product rule: for y = a·b it keeps a if b requires grad
+(d/db needs a) and b if a requires grad. A factor that is not kept requires grad itself, so it has a
+node of its own, and when that node is one of these ops too, it is rebuilt the same way. `plan` checks
+this from the graph's structure only (no saved tensor is unpacked in forward, which under gradient
+checkpointing would start a recomputation); `replay` unpacks and recomputes.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 _MAX_DEPTH = 3  # RMSNorm's weight·(h·rsqrt) needs 2
-
-
-def _is_product(node) -> bool:
-    return node is not None and type(node).__name__ == "MulBackward0"
+# Activations whose node keeps its input (needed for its own derivative): op(input) is exactly x.
+_ACTIVATIONS = {
+    "GeluBackward0": lambda node: F.gelu(node._saved_self, approximate=node._saved_approximate),
+    "SiluBackward0": lambda node: F.silu(node._saved_self),
+}
 
 
 def _rebuildable(node, depth: int) -> bool:
-    """Whether the output of product node `node` can be recomputed from what the graph keeps."""
-    if not _is_product(node) or depth == 0:
+    """Whether the output of autograd node `node` can be recomputed from what the graph keeps."""
+    name = type(node).__name__ if node is not None and depth > 0 else None
+    if name in _ACTIVATIONS:
+        return True
+    if name != "MulBackward0":
         return False
     (a_node, _), (b_node, _) = node.next_functions  # None where that factor needs no grad
     a_kept, b_kept = b_node is not None, a_node is not None  # the product rule, see the module doc
@@ -39,8 +45,8 @@ def _rebuildable(node, depth: int) -> bool:
 def plan(x: torch.Tensor):
     """x's autograd node if backward can rebuild x from tensors its graph keeps anyway, else None.
 
-    None whenever x is not the direct output of such a product (a view, an in-place result, a leaf,
-    no grad); under torch.compile, whose partitioner makes its own keep-or-recompute choices; and
+    None whenever x is not the direct output of such an op (a view, an in-place result, a leaf, no
+    grad); under torch.compile, whose partitioner makes its own keep-or-recompute choices; and
     under saved-tensor hooks: gradient checkpointing keeps nothing anyway, and its saved tensors may
     be unpacked only once, by their own node."""
     if torch.compiler.is_compiling() or _saved_tensor_hooks_active():
@@ -48,17 +54,20 @@ def plan(x: torch.Tensor):
     return x.grad_fn if _rebuildable(x.grad_fn, _MAX_DEPTH) else None
 
 
-def _saved_tensor_hooks_active() -> bool:
-    """Whether torch.autograd.graph.saved_tensors_hooks (checkpointing, offloading) is in force; True
-    where this torch cannot tell, so that x is then simply kept."""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return top is None or top(False) is not None
-
-
 def replay(node) -> torch.Tensor:
-    """The output of product node `node` (from plan), recomputed from the factors autograd kept."""
+    """The output of node `node` (from plan), recomputed from the tensors autograd kept."""
+    rebuild = _ACTIVATIONS.get(type(node).__name__)
+    if rebuild is not None:
+        return rebuild(node)
     factors = []
     for attr, (child, _) in zip(("_saved_self", "_saved_other"), node.next_functions):
         kept = getattr(node, attr)
         factors.append(kept if kept is not None else replay(child))
     return torch.mul(*factors)
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """Whether torch.autograd.graph.saved_tensors_hooks (checkpointing, offloading) is in force; True
+    where this torch cannot tell, so that x is then simply kept."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None
