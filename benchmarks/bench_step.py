@@ -8,7 +8,8 @@ Variants, all on the same base weights and the same batch, timed interleaved in 
   floor      the frozen base, no adapter: forward + backward through the activations only (the input
              embeddings require grad), with lorakit's loss path. Any LoRA step pays at least this.
   floor_hf   the same frozen base with the usual `model(labels=...).loss` (logits at every position).
-  lorakit    lorakit's trainer step: token_loss_sum (logits only where labels are) / n, backward, AdamW.
+  lorakit    lorakit's trainer step: token_loss_sum (logits only where labels are) / n, backward, AdamW,
+             with the trainer's recompute.rebuilt_activations (the floor keeps what plain autograd keeps).
   compiled   the same with lorakit's compile switch (--compile; each decoder layer through torch.compile).
   ckpt       the same with per-layer gradient checkpointing (--checkpointing; train.gradient_checkpointing).
   peft       PEFT's get_peft_model + model(labels=...).loss, backward, AdamW (PEFT + Trainer's step).
@@ -28,6 +29,7 @@ steps' allocations) and live tensor bytes (torch.profiler); CUDA max allocated o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import subprocess
@@ -111,13 +113,15 @@ def build_variants(base, compile_: bool, checkpointing: bool = False) -> dict:
 
 
 def steps_for(models: dict, batch: dict, losses: dict) -> dict:
+    from lorakit import recompute
     from lorakit.losses import token_loss_sum
 
-    def ours(model, opt):
-        def step():
+    def ours(model, opt, lean=True):
+        def step():  # as the trainer's step (train._accumulate), with its rebuilt activations unless compiled
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
-            loss_sum, n = token_loss_sum(model, batch)
+            with recompute.rebuilt_activations() if lean and opt is not None else contextlib.nullcontext():
+                loss_sum, n = token_loss_sum(model, batch)
             (loss_sum / n).backward()
             if opt is not None:
                 opt.step()
@@ -144,7 +148,7 @@ def steps_for(models: dict, batch: dict, losses: dict) -> dict:
            "peft": hf(models["peft"], adamw(models["peft"]))}
     for extra in EXTRAS:
         if extra in models:
-            fns[extra] = ours(models[extra], adamw(models[extra]))
+            fns[extra] = ours(models[extra], adamw(models[extra]), lean=extra != "compiled")
 
     def recorded(name, fn):
         return lambda: losses.setdefault(name, []).append(fn())

@@ -307,3 +307,26 @@ def test_fused_path_rebuilds_gelu_input_in_bert(ids):
     rebuilt = [node for node in nodes if node.saved_tensors[0] is None]
     assert len(nodes) == 14 and len(rebuilt) == 2  # 2 layers x 6 projections + pooler + classifier; 1 GELU each layer
     assert all(type(node.x_node).__name__ == "GeluBackward0" for node in rebuilt)
+
+
+def test_rebuilt_activations_store_recipes_and_keep_gradients(ids, monkeypatch):
+    """The trainer's saved-tensor hooks: SwiGLU's silu(g) (kept by the base's own mul) and the LoRA
+    inputs are stored as recipes, and loss and gradients stay bit-identical."""
+    from lorakit import recompute
+    model = lorakit.get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model.train()
+    made, pack = [], recompute._pack
+    monkeypatch.setattr(recompute, "_pack", lambda t: made.append(type(p := pack(t)).__name__) or p)
+    results = []
+    for lean in (True, False):
+        model.zero_grad()
+        with recompute.rebuilt_activations() if lean else torch.enable_grad():
+            loss = model(input_ids=ids).logits.square().mean()
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    # per layer: silu(g) in the base's mul, and the LoRA inputs that recompute.plan handles without hooks
+    # (layer 1's q/k/v, both layers' gate/up/down); everything else is stored as it is
+    assert made.count("_Recipe") == 2 + 3 + 3 * 2
+    assert results[0][0] == results[1][0]
+    for n, g in results[0][1].items():
+        assert torch.equal(g, results[1][1][n]), n

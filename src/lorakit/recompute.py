@@ -14,6 +14,10 @@ What a product's node keeps follows from the product rule: for y = a·b it keeps
 node of its own, and when that node is one of these ops too, it is rebuilt the same way. `plan` checks
 this from the graph's structure only (no saved tensor is unpacked in forward, which under gradient
 checkpointing would start a recomputation); `replay` unpacks and recomputes.
+
+`rebuilt_activations()` applies the same rule to everything autograd saves while it is active, the
+base model's tensors included: SwiGLU's mul keeps silu(g) although the SiLU node keeps g, so the
+trainer stores that as a recipe too and the step's activations shrink below the frozen base's own.
 """
 
 from __future__ import annotations
@@ -71,3 +75,31 @@ def _saved_tensor_hooks_active() -> bool:
     where this torch cannot tell, so that x is then simply kept."""
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     return top is None or top(False) is not None
+
+
+class _Recipe:
+    """What a saved tensor is stored as when its node can rebuild it: the node, not the values."""
+    __slots__ = ("node",)
+
+    def __init__(self, node):
+        self.node = node
+
+
+def _pack(t: torch.Tensor):
+    node = t.grad_fn
+    if node is None or t._base is not None or not _rebuildable(node, _MAX_DEPTH):
+        return t
+    return _Recipe(node)
+
+
+def _unpack(packed):
+    return replay(packed.node) if isinstance(packed, _Recipe) else packed
+
+
+def rebuilt_activations() -> torch.autograd.graph.saved_tensors_hooks:
+    """Context for a training forward: every tensor autograd saves that backward can rebuild from
+    tensors kept anyway (see the module doc) is stored as a reference to its node and recomputed when
+    backward unpacks it. Values and gradients are unchanged (the same kernels on the same tensors).
+    Not for torch.compile'd code (its partitioner decides itself); inside gradient-checkpointed
+    layers checkpointing's own hooks take over."""
+    return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)

@@ -11,6 +11,7 @@ SIGTERM finishes the current step, writes one, and exits cleanly.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import signal
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import adapters, batching, checkpoint, data, records, runs
+from . import adapters, batching, checkpoint, data, records, recompute, runs
 from .errors import LorakitError
 from .evaluate import loss_and_perplexity
 from .losses import token_loss_sum
@@ -88,7 +89,7 @@ def train(cfg: runs.RunConfig, resume: bool = False, progress: bool = True, mode
     with _Signals() as signals:
         while state.step < total_steps:
             step_start = time.time()
-            loss, tokens = _accumulate(model, micro, t.grad_accum, device, autocast_dtype)
+            loss, tokens = _accumulate(model, micro, t.grad_accum, device, autocast_dtype, lean=not t.compile)
             if not math.isfinite(loss):
                 save_training_checkpoint(out, state, model, optimizer, scheduler, keep=t.keep_checkpoints, tag="nan")
                 raise NonFiniteLoss(f"loss became {loss} at step {state.step + 1}: training stopped and the last "
@@ -211,13 +212,15 @@ def _micro_batches(dataset, t: runs.TrainSection, state: TrainState, mask_dtype:
         state.epoch, state.micro = state.epoch + 1, 0
 
 
-def _accumulate(model, micro, grad_accum: int, device, autocast_dtype) -> tuple[float, int]:
-    """Forward/backward over grad_accum micro-batches; every loss token weighs the same."""
+def _accumulate(model, micro, grad_accum: int, device, autocast_dtype, lean: bool = True) -> tuple[float, int]:
+    """Forward/backward over grad_accum micro-batches; every loss token weighs the same. `lean`: store
+    rebuildable activations as recipes (recompute.rebuilt_activations; off for compiled layers)."""
     batches = [{k: v.to(device) for k, v in next(micro).items()} for _ in range(grad_accum)]
     n_total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     loss_total, tokens = 0.0, 0
     for batch in batches:
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None), \
+                (recompute.rebuilt_activations() if lean else contextlib.nullcontext()):
             loss_sum, _ = token_loss_sum(model, batch)
         (loss_sum / max(n_total, 1)).backward()
         loss_total += float(loss_sum.detach())
