@@ -140,8 +140,10 @@ def _batches(side, examples, batch_size, max_tokens):
 def _loss(side, model, batch):
     if side == "peft":
         return model(**batch).loss
+    from lorakit import recompute
     from lorakit.losses import token_loss_sum
-    loss_sum, n = token_loss_sum(model, batch)
+    with recompute.rebuilt_activations():  # as the trainer's step does
+        loss_sum, n = token_loss_sum(model, batch)
     return loss_sum / max(n, 1)
 
 
