@@ -1,5 +1,6 @@
 """The trainer on a tiny model: it learns, resumes exactly, handles SIGTERM and NaN, and its loss is exact."""
 
+import contextlib
 import json
 import os
 import signal
@@ -120,16 +121,19 @@ def test_fused_loss_equals_plain_loss_and_gradients(tiny_model_dir):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
-def _adapter_grads(model, batch) -> tuple[float, dict]:
+def _adapter_grads(model, batch, lean: bool = False) -> tuple[float, dict]:
+    from lorakit import recompute
     model.zero_grad()
-    loss, n = token_loss_sum(model, batch)
+    with recompute.rebuilt_activations() if lean else contextlib.nullcontext():  # lean: as the trainer's step
+        loss, n = token_loss_sum(model, batch)
     (loss / n).backward()
     return loss.item() / n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("switch", ["gradient_checkpointing", "compile"])
 def test_speed_switches_keep_loss_and_gradients(switch):
-    """Per-layer gradient checkpointing and per-layer torch.compile change speed and memory, not numbers."""
+    """Per-layer gradient checkpointing (with the trainer's rebuilt activations around it) and per-layer
+    torch.compile change speed and memory, not numbers."""
     import lorakit
     from conftest import tiny_llama
     model = tiny_llama(layers=2)
@@ -142,7 +146,7 @@ def test_speed_switches_keep_loss_and_gradients(switch):
         assert lorakit.compile_layers(model) == 2
     else:
         lorakit.enable_checkpointing(model)
-    loss, grads = _adapter_grads(model, batch)
+    loss, grads = _adapter_grads(model, batch, lean=switch != "compile")
     if switch == "compile":  # really compiled, not silently run eagerly
         from torch._dynamo.utils import counters
         assert counters["stats"]["unique_graphs"] >= 1
