@@ -3,7 +3,8 @@
 A's gradient needs the layer's input x (N, in), so a LoRA layer has to keep x until backward. The
 frozen base often does not need x itself, only what x was computed from: RMSNorm keeps h and
 rsqrt(mean(h²)+eps) for x = weight·(h·rsqrt), SwiGLU keeps silu(g) and u for x = silu(g)·u, a GELU
-keeps its input h for x = gelu(h). Keeping x as well costs one (N, in) tensor per adapted layer: on
+keeps its input h for x = gelu(h); a dtype cast (bf16 RMSNorm, autocast) keeps nothing and is
+rebuilt from its rebuilt input. Keeping x as well costs one (N, in) tensor per adapted layer: on
 SmolLM2 a fifth of a training step's peak memory. So when x comes straight out of such an op, the LoRA
 layer keeps a reference to x's autograd node instead, and backward runs the op again on the tensors
 the node kept: the same kernel on the same tensors, so bit-identical to the forward's x, for the
@@ -25,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-_MAX_DEPTH = 3  # RMSNorm's weight·(h·rsqrt) needs 2
+_MAX_DEPTH = 4  # RMSNorm's weight·(h·rsqrt) needs 2, with its bf16 cast 3, cast again by autocast 4
 # Activations whose node keeps its input (needed for its own derivative): op(input) is exactly x.
 _ACTIVATIONS = {
     "GeluBackward0": lambda node: F.gelu(node._saved_self, approximate=node._saved_approximate),
@@ -33,11 +34,20 @@ _ACTIVATIONS = {
 }
 
 
+def _cast_target(node):
+    """(dtype, device) a ToCopyBackward0 node's forward produced, from its gradient metadata; None if
+    this torch does not say."""
+    meta = getattr(node, "_input_metadata", None)
+    return (meta[0].dtype, meta[0].device) if meta and len(meta) == 1 else None
+
+
 def _rebuildable(node, depth: int) -> bool:
     """Whether the output of autograd node `node` can be recomputed from what the graph keeps."""
     name = type(node).__name__ if node is not None and depth > 0 else None
     if name in _ACTIVATIONS:
         return True
+    if name == "ToCopyBackward0":  # a dtype cast (bf16 models, autocast): keeps nothing, so rebuild its input
+        return _cast_target(node) is not None and _rebuildable(node.next_functions[0][0], depth - 1)
     if name != "MulBackward0":
         return False
     (a_node, _), (b_node, _) = node.next_functions  # None where that factor needs no grad
@@ -63,6 +73,9 @@ def replay(node) -> torch.Tensor:
     rebuild = _ACTIVATIONS.get(type(node).__name__)
     if rebuild is not None:
         return rebuild(node)
+    if type(node).__name__ == "ToCopyBackward0":
+        dtype, device = _cast_target(node)
+        return replay(node.next_functions[0][0]).to(dtype=dtype, device=device)
     factors = []
     for attr, (child, _) in zip(("_saved_self", "_saved_other"), node.next_functions):
         kept = getattr(node, attr)
@@ -78,22 +91,31 @@ def _saved_tensor_hooks_active() -> bool:
 
 
 class _Recipe:
-    """What a saved tensor is stored as when its node can rebuild it: the node, not the values."""
-    __slots__ = ("node",)
+    """What a saved tensor is stored as when it can be rebuilt: the node that made it, or that made
+    the tensor it is a view of, plus the view's (shape, stride, offset) (a linear's flattened input)."""
+    __slots__ = ("node", "view")
 
-    def __init__(self, node):
-        self.node = node
+    def __init__(self, node, view=None):
+        self.node, self.view = node, view
 
 
 def _pack(t: torch.Tensor):
-    node = t.grad_fn
-    if node is None or t._base is not None or not _rebuildable(node, _MAX_DEPTH):
+    base = t if t._base is None else t._base
+    if base.grad_fn is None or (base is not t and not base.is_contiguous()) or not _rebuildable(base.grad_fn, _MAX_DEPTH):
         return t
-    return _Recipe(node)
+    view = None if base is t else (t.shape, t.stride(), t.storage_offset() - base.storage_offset())
+    return _Recipe(base.grad_fn, view)
 
 
 def _unpack(packed):
-    return replay(packed.node) if isinstance(packed, _Recipe) else packed
+    if not isinstance(packed, _Recipe):
+        return packed
+    x = replay(packed.node)
+    if packed.view is None:
+        return x
+    shape, stride, offset = packed.view
+    x = x.contiguous()  # the layout the view's geometry refers to (checked contiguous in _pack)
+    return x.as_strided(shape, stride, x.storage_offset() + offset)
 
 
 def rebuilt_activations() -> torch.autograd.graph.saved_tensors_hooks:
