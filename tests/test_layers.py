@@ -311,6 +311,24 @@ def test_fused_path_rebuilds_gelu_input_in_bert(ids):
     assert all(type(node.x_node).__name__ == "GeluBackward0" for node in rebuilt)
 
 
+def _assert_rebuilt_activations_change_nothing(model, forward, autocast: bool = False):
+    """Loss and every gradient bit-identical with the trainer's hooks (recompute.rebuilt_activations) and without."""
+    from lorakit import recompute
+    model.train()
+    results = []
+    for lean in (True, False):
+        model.zero_grad()
+        torch.manual_seed(0)  # the same dropout masks on both passes
+        with recompute.rebuilt_activations() if lean else torch.enable_grad(), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = forward(model).float().square().mean()
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    assert results[0][0] == results[1][0]
+    for n, g in results[0][1].items():
+        assert torch.equal(g, results[1][1][n]), n
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_rebuilt_activations_store_recipes_and_keep_gradients(ids, monkeypatch, autocast):
     """The trainer's saved-tensor hooks: SwiGLU's silu(g) (kept by the base's own mul) and the LoRA
@@ -318,21 +336,26 @@ def test_rebuilt_activations_store_recipes_and_keep_gradients(ids, monkeypatch, 
     (the trainer's GPU mode; backward, where recipes are replayed, runs outside autocast)."""
     from lorakit import recompute
     model = lorakit.get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
-    model.train()
     made, pack = [], recompute._pack
     monkeypatch.setattr(recompute, "_pack", lambda t: made.append(type(p := pack(t)).__name__) or p)
-    results = []
-    for lean in (True, False):
-        model.zero_grad()
-        with recompute.rebuilt_activations() if lean else torch.enable_grad(), \
-                torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = model(input_ids=ids).logits.float().square().mean()
-        loss.backward()
-        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    _assert_rebuilt_activations_change_nothing(model, lambda m: m(input_ids=ids).logits, autocast)
     # per layer: silu(g) in the base's mul, and the LoRA inputs that recompute.plan handles without hooks
-    # (layer 1's q/k/v, both layers' gate/up/down); everything else is stored as it is
-    # under autocast the LoRA inputs reach A as views of bf16 casts: rebuilt too (cast of the rebuilt input)
+    # (layer 1's q/k/v, both layers' gate/up/down); everything else is stored as it is. Under autocast the
+    # LoRA inputs reach A as views of bf16 casts: rebuilt too (the cast of the rebuilt input)
     assert made.count("_Recipe") == 2 + 3 + 3 * 2
-    assert results[0][0] == results[1][0]
-    for n, g in results[0][1].items():
-        assert torch.equal(g, results[1][1][n]), n
+
+
+@pytest.mark.parametrize("variant", [dict(use_dora=True), dict(lora_dropout=0.3), dict(use_rslora=True, r=8)])
+def test_rebuilt_activations_keep_gradients_of_general_path_variants(ids, variant):
+    """DoRA and dropout take the general (autograd) path; the hooks change no value there either
+    (dropout's random mask is kept by its own node, never redrawn)."""
+    kw = {"r": 4, "target_modules": "all-linear", "init_lora_weights": False, **variant}
+    model = lorakit.get_peft_model(tiny_llama(), LoraConfig(**kw))
+    _assert_rebuilt_activations_change_nothing(model, lambda m: m(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_rebuilt_activations_keep_gradients_across_architectures(kind, ids):
+    """GPT-2 (Conv1D layers, a tanh-GELU written as products, model dropout) and BERT (GELU, LayerNorm)
+    under the trainer's hooks: loss and gradients bit-identical to plain autograd."""
+    _assert_rebuilt_activations_change_nothing(_model_with_adapter(kind, init=False), lambda m: m(input_ids=ids).logits)
