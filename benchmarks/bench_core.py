@@ -51,13 +51,28 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # -- setup -------------------------------------------------------------------------------------------------
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="4 layers, 3 rounds: a smoke test, not the numbers")
+def shape_parser(doc: str, quick_help: str) -> argparse.ArgumentParser:
+    """A parser with the flags every benchmark on the SmolLM2 shape shares (doc: the script's docstring)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default 30, the real shape)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
+    return p
+
+
+def shape_args(p: argparse.ArgumentParser, argv, name: str) -> argparse.Namespace:
+    """Parse; default --layers (4 when --quick, else the real 30) and --out (results/<name>-<device>.md)."""
+    a = p.parse_args(argv)
+    a.layers = a.layers or (4 if a.quick else MODEL["num_hidden_layers"])
+    if a.out is None:
+        a.out = f"benchmarks/results/{name}-{torch.device(a.device).type}{'-quick' if a.quick else ''}.md"
+    return a
+
+
+def parse_args(argv=None):
+    p = shape_parser(__doc__, "4 layers, 3 rounds: a smoke test, not the numbers")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--omp-wait", default="passive", choices=["passive", "active", "default"],
@@ -74,13 +89,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory benchmark")
     p.add_argument("--out", default=None, help="markdown file (default benchmarks/results/core-<device>.md)")
-    a = p.parse_args(argv)
-    a.layers = a.layers or (4 if a.quick else MODEL["num_hidden_layers"])
+    a = shape_args(p, argv, "core")
     a.budget = a.budget if a.budget is not None else (60.0 if a.quick else 300.0)
     a.max_rounds = a.max_rounds or (5 if a.quick else 15)
-    if a.out is None:
-        kind = torch.device(a.device).type
-        a.out = f"benchmarks/results/core-{kind}{'-quick' if a.quick else ''}.md"
     return a
 
 

@@ -21,7 +21,6 @@ Correctness is checked on the way: lorakit's logits and tokens against PEFT's.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import gc
@@ -31,21 +30,14 @@ import time
 
 import torch
 
+from bench_core import DTYPES, MODEL, build_base, shape_args, shape_parser
 from common import machine_info, write_report
 
-MODEL = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-             num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TARGETS = {"q/k/v/o": ["q_proj", "k_proj", "v_proj", "o_proj"], "all-linear": "all-linear"}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="4 layers, 3 rounds: a smoke test, not the numbers")
-    p.add_argument("--layers", type=int, default=None, help="decoder layers (default 30, the real shape)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
+    p = shape_parser(__doc__, "4 layers, 3 rounds: a smoke test, not the numbers")
     p.add_argument("--counts", default="1,2,4,8,16,64", help="numbers of adapters, first target set")
     p.add_argument("--counts-2", default="8", help="numbers of adapters for the other target sets")
     p.add_argument("--targets", default="q/k/v/o,all-linear", help=f"comma list of {list(TARGETS)}")
@@ -55,27 +47,16 @@ def parse_args(argv=None):
     p.add_argument("--gen-tokens", type=int, default=32)
     p.add_argument("--segments-at", default="8", help="adapter counts that also time the segment fallback")
     p.add_argument("--out", default=None, help="markdown file (default benchmarks/results/multi-<device>.md)")
-    a = p.parse_args(argv)
-    a.layers = a.layers or (4 if a.quick else MODEL["num_hidden_layers"])
+    a = shape_args(p, argv, "multi")
     a.rounds = a.rounds or (3 if a.quick else 5)
     a.gen_rounds = a.gen_rounds or (2 if a.quick else 3)
     a.counts, a.counts_2 = [int(c) for c in a.counts.split(",")], [int(c) for c in a.counts_2.split(",")]
     a.segments_at = {int(c) for c in a.segments_at.split(",") if c}
     a.targets, a.gen_targets = a.targets.split(","), a.gen_targets.split(",")
-    if a.out is None:
-        a.out = f"benchmarks/results/multi-{torch.device(a.device).type}{'-quick' if a.quick else ''}.md"
     return a
 
 
 # -- models ------------------------------------------------------------------------------------------------
-
-def build_base(layers: int, device, dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**{**MODEL, "num_hidden_layers": layers}))
-    return model.to(device=device, dtype=dtype).eval()
-
 
 def with_adapters(base, targets, n: int):
     """(lorakit model, PEFT model): deep copies of `base` with n adapters a0..a{n-1}, equal weights."""

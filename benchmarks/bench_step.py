@@ -42,7 +42,7 @@ from common import omp_wait_policy
 OMP_WAIT = omp_wait_policy(sys.argv[1:])
 
 import torch  # noqa: E402  (after OMP_WAIT_POLICY is set)
-from bench_core import MODEL, DTYPES, build_base  # noqa: E402
+from bench_core import DTYPES, MODEL, build_base, shape_args, shape_parser  # noqa: E402
 from bench_train import make_examples  # noqa: E402
 from common import (fixed_mmap_threshold, interleaved, machine_info, ms, peak_rss_growth,  # noqa: E402
                     peak_step_memory, ratio, write_report)
@@ -53,12 +53,7 @@ QUICK_GRID = [(2, 64), (2, 256)]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="4 layers, a small grid, 2 rounds: a smoke test")
-    p.add_argument("--layers", type=int, default=None, help="decoder layers (default 30, the real shape)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    p.add_argument("--threads", type=int, default=2)
+    p = shape_parser(__doc__, "4 layers, a small grid, 2 rounds: a smoke test")
     p.add_argument("--grid", default=None, help="cells as BxT,BxT (default 1x512,4x128,4x512,8x256)")
     p.add_argument("--chat-batch", type=int, default=4, help="rows in the prompt-masked chat batch (0: skip)")
     p.add_argument("--compile", action="store_true", help="add the torch.compile variant")
@@ -68,14 +63,11 @@ def parse_args(argv=None):
     p.add_argument("--omp-wait", default="passive", choices=["passive", "active", "default"])
     p.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)  # see cpu_memory_in_child
     p.add_argument("--out", default=None, help="markdown file (default benchmarks/results/step-<device>.md)")
-    a = p.parse_args(argv)
-    a.layers = a.layers or (4 if a.quick else MODEL["num_hidden_layers"])
+    a = shape_args(p, argv, "step")
     a.rounds = a.rounds or (2 if a.quick else 5)
     a.min_rounds = a.max_rounds = a.rounds
     a.cells = ([tuple(int(v) for v in c.split("x")) for c in a.grid.split(",")] if a.grid
                else QUICK_GRID if a.quick else GRID)
-    if a.out is None:
-        a.out = f"benchmarks/results/step-{torch.device(a.device).type}{'-quick' if a.quick else ''}.md"
     return a
 
 
