@@ -259,8 +259,8 @@ def test_fused_path_rebuilds_norm_and_swiglu_inputs_instead_of_keeping_them(ids,
     """Memory: the inputs of q/k/v and gate/up (RMSNorm outputs) and of down (silu(g)·u) are not kept
     when the base keeps their factors; backward multiplies the factors again, with gradients
     bit-identical to keeping them. bf16: RMSNorm's cast back from fp32 is rebuilt too."""
-    base = tiny_llama().to(dtype)
-    model = lorakit.get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).to(dtype)
+    cfg = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    model = lorakit.get_peft_model(tiny_llama().to(dtype), cfg).to(dtype)
     model.train()
     grads = []
     for rebuild in (True, False):
@@ -291,7 +291,8 @@ def test_recompute_plan_follows_the_product_rule():
     assert recompute.plan(leaf * w) is None  # the leaf is not kept (w needs no grad): nothing to rebuild from
     assert recompute.plan((h * r).clone()) is None  # not a product's direct output
     assert recompute.plan(w * 2.0) is None  # no graph
-    for act in (torch.nn.functional.silu, torch.nn.functional.gelu, lambda t: torch.nn.functional.gelu(t, approximate="tanh")):
+    F = torch.nn.functional
+    for act in (F.silu, F.gelu, lambda t: F.gelu(t, approximate="tanh")):
         y = act(h)  # an activation keeps its input
         assert torch.equal(recompute.replay(recompute.plan(y)), y)
     y = torch.nn.functional.silu(h) * (h * r)  # SwiGLU-like: both factors kept

@@ -100,8 +100,10 @@ class _Recipe:
 
 
 def _pack(t: torch.Tensor):
-    base = t if t._base is None else t._base
-    if base.grad_fn is None or (base is not t and not base.is_contiguous()) or not _rebuildable(base.grad_fn, _MAX_DEPTH):
+    base = t if t._base is None else t._base  # a view is rebuilt from its base, then viewed again
+    if base is not t and not base.is_contiguous():
+        return t
+    if base.grad_fn is None or not _rebuildable(base.grad_fn, _MAX_DEPTH):
         return t
     view = None if base is t else (t.shape, t.stride(), t.storage_offset() - base.storage_offset())
     return _Recipe(base.grad_fn, view)

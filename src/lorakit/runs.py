@@ -60,7 +60,7 @@ class TrainSection:
     schedule: str = "cosine"  # cosine | linear | constant (after warmup)
     seed: int = 0
     precision: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16 | fp16
-    gradient_checkpointing: bool = False  # recompute each decoder layer in backward: less memory, ~30% more time
+    gradient_checkpointing: bool = False  # recompute each decoder layer in backward: less memory, ~40% more time
     compile: bool = False  # torch.compile each decoder layer (first step compiles; pays on long runs)
     group_by_length: bool = True
     eval_every: int = 0  # steps; 0 = only at the end
