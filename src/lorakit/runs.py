@@ -63,6 +63,7 @@ class TrainSection:
     gradient_checkpointing: bool = False  # recompute each decoder layer in backward: less memory, ~40% more time
     compile: bool = False  # torch.compile each decoder layer (first step compiles; pays on long runs)
     group_by_length: bool = True
+    flat_batches: bool = True  # a batch's examples end to end in one row: no padding computed
     eval_every: int = 0  # steps; 0 = only at the end
     early_stopping_patience: int = 0  # evals without improvement before stopping; 0 = off
     save_every: int = 0  # steps between checkpoints; 0 = only at the end / on interrupt

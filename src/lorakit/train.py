@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import adapters, batching, checkpoint, data, records, recompute, runs
+from . import adapters, attention, batching, checkpoint, data, records, recompute, runs
 from .errors import LorakitError
 from .evaluate import loss_and_perplexity
 from .losses import token_loss_sum
@@ -82,7 +82,8 @@ def train(cfg: runs.RunConfig, resume: bool = False, progress: bool = True, mode
     _say(progress, f"lorakit: {adapters.trainable_report(model)}")
     _say(progress, f"lorakit: train {train_ds.stats.summary()}" + (f"; eval {eval_ds.stats.summary()}" if eval_ds else ""))
     # -- loop ----------------------------------------------------------------------------------------
-    micro = _micro_batches(train_ds, t, state, _float_dtype(model))
+    flat = t.flat_batches and attention.supports(model)
+    micro = _micro_batches(train_ds, t, state, _float_dtype(model), flat)
     started, stopped, last_loss, eval_loss = time.time(), "done", float("nan"), None
     bar = _progress_bar(progress, total_steps, state.step)
     model.train()
@@ -202,11 +203,12 @@ def _float_dtype(model) -> torch.dtype:
                 torch.float32)
 
 
-def _micro_batches(dataset, t: runs.TrainSection, state: TrainState, mask_dtype: torch.dtype):
-    """Endless micro-batches across epochs, starting from the state's data position (for resume)."""
+def _micro_batches(dataset, t: runs.TrainSection, state: TrainState, mask_dtype: torch.dtype, flat: bool):
+    """Endless micro-batches across epochs, starting from the state's data position (for resume);
+    `flat`: one unpadded row per micro-batch (batching.collate(flat=True), attention.flat_attention)."""
     while True:
         for batch in batching.batches(dataset, t.batch_size, seed=t.seed, epoch=state.epoch, start=state.micro,
-                                      group_by_length=t.group_by_length, mask_dtype=mask_dtype):
+                                      group_by_length=t.group_by_length, mask_dtype=mask_dtype, flat=flat):
             state.micro += 1
             yield batch
         state.epoch, state.micro = state.epoch + 1, 0
@@ -215,14 +217,17 @@ def _micro_batches(dataset, t: runs.TrainSection, state: TrainState, mask_dtype:
 def _accumulate(model, micro, grad_accum: int, device, autocast_dtype, lean: bool = True) -> tuple[float, int]:
     """Forward/backward over grad_accum micro-batches; every loss token weighs the same. `lean`: store
     rebuildable activations as recipes (recompute.rebuilt_activations; off for compiled layers)."""
-    batches = [{k: v.to(device) for k, v in next(micro).items()} for _ in range(grad_accum)]
+    batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in next(micro).items()}
+               for _ in range(grad_accum)]
     n_total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     loss_total, tokens = 0.0, 0
     for batch in batches:
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None), \
-                (recompute.rebuilt_activations() if lean else contextlib.nullcontext()):
-            loss_sum, _ = token_loss_sum(model, batch)
-        (loss_sum / max(n_total, 1)).backward()
+        # a flat batch's attention holds over backward too: checkpointed layers run forward again there
+        with attention.flat_attention(model) if "cu_seq_lens_q" in batch else contextlib.nullcontext():
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None), \
+                    (recompute.rebuilt_activations() if lean else contextlib.nullcontext()):
+                loss_sum, _ = token_loss_sum(model, batch)
+            (loss_sum / max(n_total, 1)).backward()
         loss_total += float(loss_sum.detach())
         mask = batch.get("attention_mask")
         tokens += int(mask.sum()) if mask is not None and mask.dim() == 2 else batch["input_ids"].numel()
