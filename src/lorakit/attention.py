@@ -82,11 +82,23 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
                            "attention does not implement; train it with flat batches off")
     if key.shape[1] != query.shape[1]:  # GQA: sdpa's fused CPU kernel wants equal head counts
         key, value = (repeat_kv(t, query.shape[1] // key.shape[1]) for t in (key, value))
-    bounds = cu.tolist()
+    bounds = _bounds(cu)
     outs = [_one_example(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout if module.training else 0.0,
                          scaling, sliding_window) for s, e in zip(bounds[:-1], bounds[1:])]
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # (1, Hq, N, D)
     return out.transpose(1, 2).contiguous(), None
+
+
+_last_bounds: tuple = (None, -1, [])  # (tensor, its version counter, its values)
+
+
+def _bounds(cu: torch.Tensor) -> list[int]:
+    """cu as a list, read once per batch rather than once per layer (on a GPU each read is a sync);
+    the version counter catches a tensor changed in place."""
+    global _last_bounds
+    if _last_bounds[0] is not cu or _last_bounds[1] != cu._version:
+        _last_bounds = (cu, cu._version, cu.tolist())
+    return _last_bounds[2]
 
 
 def _one_example(q, k, v, dropout: float, scale, window):

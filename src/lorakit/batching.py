@@ -14,6 +14,10 @@ honour whatever use_cache is. Its dtype must be the model's: on CUDA, sdpa with 
 bf16/fp16 model and a float32 mask gives NaN or wrong logits; a bool mask is right for
 sdpa but eager adds it as 0/1. So pass mask_dtype=model.dtype.
 
+The trainer's default is neither: collate(flat=True) lays a batch's examples (or packed rows)
+end to end in one unpadded row with their bounds as cu_seq_lens (attention.py), so no padding
+and no (T, T) mask is computed.
+
 Public: pack, collate, batches, batch_order, block_causal_mask, IGNORE_INDEX.
 """
 
