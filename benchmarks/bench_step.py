@@ -6,18 +6,23 @@
 
 Variants, all on the same base weights and the same batch, timed interleaved in one process:
   floor      the frozen base, no adapter: forward + backward through the activations only (the input
-             embeddings require grad), with lorakit's loss path. Any LoRA step pays at least this.
+             embeddings require grad), with lorakit's loss path and batch layout. Any LoRA step pays
+             at least this.
   floor_hf   the same frozen base with the usual `model(labels=...).loss` (logits at every position).
   lorakit    lorakit's trainer step: token_loss_sum (logits only where labels are) / n, backward, AdamW,
-             with the trainer's recompute.rebuilt_activations (the floor keeps what plain autograd keeps).
-  compiled   the same with lorakit's compile switch (--compile; each decoder layer through torch.compile).
+             with the trainer's recompute.rebuilt_activations (the floor keeps what plain autograd keeps)
+             and its flat batches (train.flat_batches: examples of unequal length end to end in one
+             unpadded row, attention.flat_attention; equal lengths stay (B, T)).
+  compiled   the same with lorakit's compile switch (--compile; each decoder layer through torch.compile;
+             its partitioner decides what to keep, so no rebuilt activations, as in the trainer).
   ckpt       the same with per-layer gradient checkpointing (--checkpointing; train.gradient_checkpointing).
   peft       PEFT's get_peft_model + model(labels=...).loss, backward, AdamW (PEFT + Trainer's step).
 LoRA: r=16, alpha=32, all-linear, dropout 0; the optimizer step is in the timed step for lorakit and PEFT.
 
 Batches: a fully labelled grid (every token carries loss), and a prompt-masked chat batch (the
 synthetic chat examples of bench_train.py: 40-600-token prompts, 8-160-token answers, padded to the
-longest, loss on answers only). The chat batch is where label-only logits pay.
+longest for PEFT, flat for lorakit; loss on answers only). The chat batch is where label-only logits
+and flat batches pay.
 
 Time: median of per-round ratios of process CPU time (CPU) or synchronised wall time (CUDA), the
 order reversed each round (see common.interleaved). Memory: for each variant, one step's peak above
@@ -105,16 +110,20 @@ def build_variants(base, compile_: bool, checkpointing: bool = False) -> dict:
 
 
 def steps_for(models: dict, batch: dict, losses: dict) -> dict:
-    from lorakit import recompute
+    from lorakit import attention, recompute
     from lorakit.losses import token_loss_sum
 
-    def ours(model, opt, lean=True):
+    def ours(model, opt, lean=True, flat=True):
+        b = batch["flat"] if flat else batch["padded"]  # as the trainer collates (train.flat_batches)
+        flat_ctx = (lambda: attention.flat_attention(model)) if "cu_seq_lens_q" in b else contextlib.nullcontext
+
         def step():  # as the trainer's step (train._accumulate), with its rebuilt activations unless compiled
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
-            with recompute.rebuilt_activations() if lean and opt is not None else contextlib.nullcontext():
-                loss_sum, n = token_loss_sum(model, batch)
-            (loss_sum / n).backward()
+            with flat_ctx():
+                with recompute.rebuilt_activations() if lean and opt is not None else contextlib.nullcontext():
+                    loss_sum, n = token_loss_sum(model, b)
+                (loss_sum / n).backward()
             if opt is not None:
                 opt.step()
             return float(loss_sum) / n
@@ -124,7 +133,7 @@ def steps_for(models: dict, batch: dict, losses: dict) -> dict:
         def step():
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
-            loss = model(**batch).loss
+            loss = model(**batch["padded"]).loss
             loss.backward()
             if opt is not None:
                 opt.step()
@@ -148,14 +157,20 @@ def steps_for(models: dict, batch: dict, losses: dict) -> dict:
 
 
 def labelled_batch(b: int, t: int, device) -> dict:
-    ids = torch.randint(3, MODEL["vocab_size"], (b, t), generator=torch.Generator().manual_seed(3)).to(device)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    ids = torch.randint(3, MODEL["vocab_size"], (b, t), generator=torch.Generator().manual_seed(3))
+    return both_layouts([{"input_ids": row.tolist(), "labels": row.tolist()} for row in ids], device)
 
 
 def chat_batch(rows: int, device) -> dict:
+    return both_layouts(make_examples(rows, 5, MODEL["vocab_size"]), device)
+
+
+def both_layouts(examples: list[dict], device) -> dict:
+    """{"padded": the usual (B, T) batch (PEFT's side), "flat": the trainer's (batching.collate with
+    flat=True: one unpadded row when lengths differ, else the same (B, T) batch)}."""
     from lorakit import batching
-    batch = batching.collate(make_examples(rows, 5, MODEL["vocab_size"]), pad_id=0)
-    return {k: v.to(device) for k, v in batch.items()}
+    to = lambda b: {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}  # noqa: E731
+    return {"padded": to(batching.collate(examples, pad_id=0)), "flat": to(batching.collate(examples, 0, flat=True))}
 
 
 # -- one cell --------------------------------------------------------------------------------------------
@@ -168,9 +183,9 @@ def run_cell(label: str, models: dict, batch: dict, args, device, log) -> dict:
     times = interleaved({n: steps[n] for n in order}, args, device, budget_s=0.0)
     metric = "cpu" if device.type == "cpu" else "wall"
     mem = memory_of(steps, order, device) if device.type != "cpu" else None  # CPU: in a child process
-    n_tokens = int(batch["attention_mask"].sum())
-    n_labels = int((batch["labels"][:, 1:] != -100).sum())
-    cell = {"label": label, "shape": tuple(batch["input_ids"].shape), "tokens": n_tokens, "labels": n_labels,
+    n_tokens = int(batch["padded"]["attention_mask"].sum())
+    n_labels = int((batch["padded"]["labels"][:, 1:] != -100).sum())
+    cell = {"label": label, "shape": tuple(batch["padded"]["input_ids"].shape), "tokens": n_tokens, "labels": n_labels,
             "ms": {n: ms(times["wall"], n) for n in order}, "mem": mem,
             "r": {"lorakit/floor": ratio(times[metric], "lorakit", "floor"),
                   "lorakit/peft": ratio(times[metric], "lorakit", "peft"),
@@ -264,7 +279,7 @@ def main(argv=None) -> int:
     models = build_variants(build_base(args.layers, device, dtype), args.compile, args.checkpointing)
     batches = [(f"{b}×{t} labelled", labelled_batch(b, t, device)) for b, t in args.cells]
     if args.chat_batch:
-        batches.append((f"{args.chat_batch}-row chat (padded)", chat_batch(args.chat_batch, device)))
+        batches.append((f"{args.chat_batch}-row chat", chat_batch(args.chat_batch, device)))
     if args.memory_only:  # the child of cpu_memory_in_child: one JSON line on stdout
         order = [n for n in ["floor", "lorakit", "peft", "floor_hf", *EXTRAS] if n in models or n == "floor_hf"]
         print(json.dumps([memory_of(steps_for(models, batch, {}), order, device) for _, batch in batches]))

@@ -3,8 +3,11 @@
 Same model, same LoRA hyperparameters, same examples, same number of epochs, one run. Each side
 runs in its own subprocess so peak memory is its own (RSS on CPU, CUDA max allocated on GPU).
 
-  lorakit: packed rows (no padding), loss on assistant tokens only, logits only at labelled
-           positions (fused linear cross-entropy), AdamW.
+  lorakit: the trainer's batches: flat (each batch's examples end to end in one unpadded row, attention
+           per example: batching.collate(flat=True), attention.flat_attention; --no-flat for padded),
+           from packed rows (--max-tokens) or length-grouped examples (--max-tokens 0); loss on
+           assistant tokens only, logits only at labelled positions (fused linear cross-entropy),
+           the trainer's rebuilt activations, AdamW.
   PEFT:    get_peft_model + the usual loop: random batches padded to the longest, model(labels=...)
            (full logits over every position), AdamW.
 
@@ -22,6 +25,7 @@ Reports real (non-padding) tokens per second, eval loss after training, and peak
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import random
@@ -98,18 +102,21 @@ def run_side(args) -> dict:
         if p.requires_grad:
             p.data = p.data.float()  # adapters in fp32 on both sides
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    batches = list(_batches(args.side, train_set, args.batch_size, args.max_tokens))
+    batches = list(_batches(args.side, train_set, args.batch_size, args.max_tokens, args.flat))
     real_tokens = sum(len(e["input_ids"]) for e in train_set)
     model.train()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
+    from lorakit import attention
     for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss = _loss(args.side, model, batch)
-        loss.backward()
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        # as the trainer: a flat batch's attention holds over backward too
+        with attention.flat_attention(model) if "cu_seq_lens_q" in batch else contextlib.nullcontext():
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                loss = _loss(args.side, model, batch)
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     if device == "cuda":
@@ -120,7 +127,7 @@ def run_side(args) -> dict:
             "eval_loss": _eval(args.side, model, eval_set, device), "peak_mib": peak_memory(device)}
 
 
-def _batches(side, examples, batch_size, max_tokens):
+def _batches(side, examples, batch_size, max_tokens, flat):
     from lorakit import batching
     if side == "peft":  # the usual: random order, pad to the longest in the batch
         order = list(range(len(examples)))
@@ -129,12 +136,12 @@ def _batches(side, examples, batch_size, max_tokens):
             yield batching.collate([examples[j] for j in order[i:i + batch_size]], pad_id=0)
         return
     if not max_tokens:  # lorakit without packing: the trainer's default, length-grouped padded batches
-        yield from batching.batches(examples, batch_size, seed=0, pad_id=0, group_by_length=True)
+        yield from batching.batches(examples, batch_size, seed=0, pad_id=0, group_by_length=True, flat=flat)
         return
     rows = batching.pack(examples, max_tokens)  # lorakit: full rows, no padding
     mean_len = sum(len(e["input_ids"]) for e in examples) / len(examples)
     per_batch = max(1, round(batch_size * mean_len / max_tokens))  # about the same tokens per step as PEFT's
-    yield from batching.batches(rows, per_batch, seed=0, pad_id=0)
+    yield from batching.batches(rows, per_batch, seed=0, pad_id=0, flat=flat)
 
 
 def _loss(side, model, batch):
@@ -170,8 +177,11 @@ def main() -> None:
     p.add_argument("--data", default="synthetic", choices=["synthetic", "demo"])
     p.add_argument("--examples", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-tokens", type=int, default=768, help="packed row length (lorakit); attention cost grows with it; 0: no packing, "
-                   "length-grouped padded batches (the trainer's default)")
+    p.add_argument("--max-tokens", type=int, default=768,
+                   help="packed row length (lorakit; with --no-flat attention cost grows with it); "
+                   "0: no packing, length-grouped batches (the trainer's default)")
+    p.add_argument("--flat", action=argparse.BooleanOptionalAction, default=True,
+                   help="lorakit's flat batches (train.flat_batches, on by default in the trainer)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--side", choices=["lorakit", "peft"], help=argparse.SUPPRESS)
     p.add_argument("--out", help="write the markdown table here too")
@@ -195,7 +205,8 @@ def main() -> None:
 def _table(r: dict, args) -> str:
     lk, pf = r["lorakit"], r["peft"]
     dev = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
-    how = f"packed {args.max_tokens}-token rows" if args.max_tokens else "length-grouped batches"
+    how = (f"packed {args.max_tokens}-token rows" if args.max_tokens else "length-grouped batches") + (
+        ", flat" if args.flat else ", padded")
     what = ("SmolLM2-135M-Instruct (real weights), demo date data" if args.data == "demo"
             else f"{args.shape} (random init), synthetic chat data")
     lines = [f"End-to-end training, {what}, r=16 all-linear, {lk['real_tokens']} real tokens, "

@@ -131,6 +131,12 @@ def packing_and_loss_cuda() -> None:
         plain, _ = token_loss_sum(model, batch, fused=False)
     rel = abs(fused.item() - plain.item()) / plain.item()
     check("fused label-only loss equals plain loss (bf16, CUDA)", rel < 1e-2, f"rel diff {rel:.2e}")
+    from lorakit import attention
+    flat = {k: v.to("cuda") if torch.is_tensor(v) else v for k, v in batching.collate(examples, 0, flat=True).items()}
+    with attention.flat_attention(model), torch.autocast("cuda", dtype=torch.bfloat16):
+        flat_loss, _ = token_loss_sum(model, flat)
+    rel = abs(flat_loss.item() - fused.item()) / fused.item()
+    check("flat batch (per-example sdpa) equals padded batch (bf16, CUDA)", rel < 1e-2, f"rel diff {rel:.2e}")
 
 
 def bf16_training() -> None:
