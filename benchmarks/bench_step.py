@@ -113,14 +113,13 @@ def steps_for(models: dict, batch: dict, losses: dict) -> dict:
     from lorakit import attention, recompute
     from lorakit.losses import token_loss_sum
 
-    def ours(model, opt, lean=True, flat=True):
-        b = batch["flat"] if flat else batch["padded"]  # as the trainer collates (train.flat_batches)
-        flat_ctx = (lambda: attention.flat_attention(model)) if "cu_seq_lens_q" in b else contextlib.nullcontext
+    def ours(model, opt, lean=True):
+        b = batch["flat"]  # as the trainer collates (train.flat_batches)
 
         def step():  # as the trainer's step (train._accumulate), with its rebuilt activations unless compiled
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
-            with flat_ctx():
+            with attention.for_batch(model, b):
                 with recompute.rebuilt_activations() if lean and opt is not None else contextlib.nullcontext():
                     loss_sum, n = token_loss_sum(model, b)
                 (loss_sum / n).backward()
@@ -169,8 +168,8 @@ def both_layouts(examples: list[dict], device) -> dict:
     """{"padded": the usual (B, T) batch (PEFT's side), "flat": the trainer's (batching.collate with
     flat=True: one unpadded row when lengths differ, else the same (B, T) batch)}."""
     from lorakit import batching
-    to = lambda b: {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}  # noqa: E731
-    return {"padded": to(batching.collate(examples, pad_id=0)), "flat": to(batching.collate(examples, 0, flat=True))}
+    return {"padded": batching.to_device(batching.collate(examples, pad_id=0), device),
+            "flat": batching.to_device(batching.collate(examples, 0, flat=True), device)}
 
 
 # -- one cell --------------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ Reports real (non-padding) tokens per second, eval loss after training, and peak
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import random
@@ -109,11 +108,10 @@ def run_side(args) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    from lorakit import attention
+    from lorakit import attention, batching
     for batch in batches:
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        # as the trainer: a flat batch's attention holds over backward too
-        with attention.flat_attention(model) if "cu_seq_lens_q" in batch else contextlib.nullcontext():
+        batch = batching.to_device(batch, device)
+        with attention.for_batch(model, batch):  # as the trainer: over backward too
             with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
                 loss = _loss(args.side, model, batch)
             loss.backward()

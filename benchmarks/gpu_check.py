@@ -132,7 +132,7 @@ def packing_and_loss_cuda() -> None:
     rel = abs(fused.item() - plain.item()) / plain.item()
     check("fused label-only loss equals plain loss (bf16, CUDA)", rel < 1e-2, f"rel diff {rel:.2e}")
     from lorakit import attention
-    flat = {k: v.to("cuda") if torch.is_tensor(v) else v for k, v in batching.collate(examples, 0, flat=True).items()}
+    flat = batching.to_device(batching.collate(examples, 0, flat=True), "cuda")
     with attention.flat_attention(model), torch.autocast("cuda", dtype=torch.bfloat16):
         flat_loss, _ = token_loss_sum(model, flat)
     rel = abs(flat_loss.item() - fused.item()) / fused.item()

@@ -18,7 +18,7 @@ The trainer's default is neither: collate(flat=True) lays a batch's examples (or
 end to end in one unpadded row with their bounds as cu_seq_lens (attention.py), so no padding
 and no (T, T) mask is computed.
 
-Public: pack, collate, batches, batch_order, block_causal_mask, IGNORE_INDEX.
+Public: pack, collate, batches, batch_order, block_causal_mask, to_device, IGNORE_INDEX.
 """
 
 from __future__ import annotations
@@ -141,6 +141,11 @@ def _flat(examples: Sequence[dict]) -> dict:
     longest = int((cu[1:] - cu[:-1]).max())
     return {**{k: torch.tensor([v]) for k, v in row.items()}, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
             "max_length_q": longest, "max_length_k": longest}
+
+
+def to_device(batch: dict, device) -> dict:
+    """The batch with its tensors on `device` (a flat batch also carries ints: max_length_q/k)."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def batch_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int = 0,

@@ -217,13 +217,12 @@ def _micro_batches(dataset, t: runs.TrainSection, state: TrainState, mask_dtype:
 def _accumulate(model, micro, grad_accum: int, device, autocast_dtype, lean: bool = True) -> tuple[float, int]:
     """Forward/backward over grad_accum micro-batches; every loss token weighs the same. `lean`: store
     rebuildable activations as recipes (recompute.rebuilt_activations; off for compiled layers)."""
-    batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in next(micro).items()}
-               for _ in range(grad_accum)]
+    batches = [batching.to_device(next(micro), device) for _ in range(grad_accum)]
     n_total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     loss_total, tokens = 0.0, 0
     for batch in batches:
         # a flat batch's attention holds over backward too: checkpointed layers run forward again there
-        with attention.flat_attention(model) if "cu_seq_lens_q" in batch else contextlib.nullcontext():
+        with attention.for_batch(model, batch):
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None), \
                     (recompute.rebuilt_activations() if lean else contextlib.nullcontext()):
                 loss_sum, _ = token_loss_sum(model, batch)
