@@ -274,7 +274,13 @@ def test_fused_path_rebuilds_norm_and_swiglu_inputs_instead_of_keeping_them(ids,
         # kept when rebuilding: layer 0's q/k/v (input from frozen embeddings: nothing to rebuild from)
         # and both o_proj (a view of the attention output, which attention keeps itself)
         assert kept == (5 if rebuild else 14)
+        replays = []
+        take = lorakit.recompute.Shared.take
+        monkeypatch.setattr(lorakit.recompute.Shared, "take",
+                            lambda self: replays.append(self.value is None) or take(self))
         loss.backward()
+        # one replay per shared input: layer 1's q/k/v input, and each layer's gate/up input and down input
+        assert (len(replays), sum(replays)) == ((9, 5) if rebuild else (0, 0))
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     for n in grads[0]:
         assert torch.equal(grads[0][n], grads[1][n]), n
@@ -309,7 +315,7 @@ def test_fused_path_rebuilds_gelu_input_in_bert(ids):
     nodes = _lora_nodes(model(input_ids=ids).logits.square().mean())
     rebuilt = [node for node in nodes if node.saved_tensors[0] is None]
     assert len(nodes) == 14 and len(rebuilt) == 2  # 2 layers x 6 projections + pooler + classifier; 1 GELU each layer
-    assert all(type(node.x_node).__name__ == "GeluBackward0" for node in rebuilt)
+    assert all(type(node.x_rebuild.node).__name__ == "GeluBackward0" for node in rebuilt)
 
 
 def _assert_rebuilt_activations_change_nothing(model, forward, autocast: bool = False):
@@ -344,6 +350,15 @@ def test_rebuilt_activations_store_recipes_and_keep_gradients(ids, monkeypatch, 
     # (layer 1's q/k/v, both layers' gate/up/down); everything else is stored as it is. Under autocast the
     # LoRA inputs reach A as views of bf16 casts: rebuilt too (the cast of the rebuilt input)
     assert made.count("_Recipe") == 2 + 3 + 3 * 2
+    if not autocast:  # one replay per input however many LoRA layers read it
+        replays = []
+        take = recompute.Shared.take
+        monkeypatch.setattr(recompute.Shared, "take", lambda self: replays.append(self.value is None) or take(self))
+        _assert_rebuilt_activations_change_nothing(model, lambda m: m(input_ids=ids).logits)
+        # with the hooks: 11 recipes read, and silu(g) read again inside each down input's rebuild (13);
+        # replays: q/k/v's input once (layer 1), gate/up's once and down's once per layer, silu(g) twice
+        # per layer. Without: the 9 LoRA reads of rebuilt inputs, 5 replays
+        assert (len(replays), sum(replays)) == (13 + 9, (1 + 2 + 2 + 4) + 5)
 
 
 @pytest.mark.parametrize("variant", [dict(use_dora=True), dict(lora_dropout=0.3), dict(use_rslora=True, r=8)])

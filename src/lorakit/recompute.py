@@ -68,6 +68,40 @@ def plan(x: torch.Tensor):
     return x.grad_fn if _rebuildable(x.grad_fn, _MAX_DEPTH) else None
 
 
+class Shared:
+    """One rebuilt input for every LoRA layer that reads it: q/k/v share the attention's normed input,
+    gate/up the MLP's. The first of their backwards replays the node, the others reuse that tensor,
+    and the last drops it: on Llama 3 rebuilds per decoder layer instead of 6 (6 elementwise passes
+    over (N, 576) fewer). x lives only while its readers' backwards run, which are adjacent in the graph."""
+    __slots__ = ("node", "readers", "value")
+
+    def __init__(self, node):
+        self.node, self.readers, self.value = node, 0, None
+
+    def take(self) -> torch.Tensor:
+        x = self.value if self.value is not None else replay(self.node)
+        self.readers -= 1
+        self.value = x if self.readers > 0 else None  # a second backward (retain_graph) replays again
+        return x
+
+
+def shared_plan(x: torch.Tensor) -> Shared | None:
+    """`plan(x)` as a Shared rebuild that every LoRA layer reading this same tensor x joins; None when
+    x must be kept."""
+    node = plan(x)
+    return None if node is None else _join(x, node)
+
+
+def _join(x: torch.Tensor, node) -> Shared:
+    """x's Shared rebuild from `node`, with one more reader. Kept on x itself: x is one Python object
+    for all its readers in a forward (q/k/v get the same hidden-states tensor)."""
+    entry = x.__dict__.get("_lorakit_rebuild")
+    if entry is None or entry.node is not node:
+        entry = x._lorakit_rebuild = Shared(node)
+    entry.readers += 1
+    return entry
+
+
 def replay(node) -> torch.Tensor:
     """The output of node `node` (from plan), recomputed from the tensors autograd kept."""
     rebuild = _ACTIVATIONS.get(type(node).__name__)
@@ -91,12 +125,12 @@ def _saved_tensor_hooks_active() -> bool:
 
 
 class _Recipe:
-    """What a saved tensor is stored as when it can be rebuilt: the node that made it, or that made
+    """What a saved tensor is stored as when it can be rebuilt: the Shared rebuild of the tensor, or of
     the tensor it is a view of, plus the view's (shape, stride, offset) (a linear's flattened input)."""
-    __slots__ = ("node", "view")
+    __slots__ = ("shared", "view")
 
-    def __init__(self, node, view=None):
-        self.node, self.view = node, view
+    def __init__(self, shared: Shared, view=None):
+        self.shared, self.view = shared, view
 
 
 def _pack(t: torch.Tensor):
@@ -106,13 +140,13 @@ def _pack(t: torch.Tensor):
     if base.grad_fn is None or not _rebuildable(base.grad_fn, _MAX_DEPTH):
         return t
     view = None if base is t else (t.shape, t.stride(), t.storage_offset() - base.storage_offset())
-    return _Recipe(base.grad_fn, view)
+    return _Recipe(_join(base, base.grad_fn), view)
 
 
 def _unpack(packed):
     if not isinstance(packed, _Recipe):
         return packed
-    x = replay(packed.node)
+    x = packed.shared.take()
     if packed.view is None:
         return x
     shape, stride, offset = packed.view
