@@ -23,6 +23,8 @@ trainer stores that as a recipe too and the step's activations shrink below the 
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -84,6 +86,14 @@ class Shared:
         self.value = x if self.readers > 0 else None  # a second backward (retain_graph) replays again
         return x
 
+    def peek(self) -> torch.Tensor:
+        """The value for a read nobody counted (a replay unpacking its node's factors): rebuilt and kept
+        for the reader that was counted. SwiGLU's silu(g) is read so by down's input rebuild, just
+        before the mul's own backward reads it."""
+        if self.value is None:
+            self.value = replay(self.node)
+        return self.value
+
 
 def shared_plan(x: torch.Tensor) -> Shared | None:
     """`plan(x)` as a Shared rebuild that every LoRA layer reading this same tensor x joins; None when
@@ -112,9 +122,16 @@ def replay(node) -> torch.Tensor:
         return replay(node.next_functions[0][0]).to(dtype=dtype, device=device)
     factors = []
     for attr, (child, _) in zip(("_saved_self", "_saved_other"), node.next_functions):
-        kept = getattr(node, attr)
+        _REPLAYING.depth = getattr(_REPLAYING, "depth", 0) + 1  # a saved factor read here is a peek
+        try:
+            kept = getattr(node, attr)
+        finally:
+            _REPLAYING.depth -= 1
         factors.append(kept if kept is not None else replay(child))
     return torch.mul(*factors)
+
+
+_REPLAYING = threading.local()  # .depth > 0 while replay reads a node's saved factors (see Shared.peek)
 
 
 def _saved_tensor_hooks_active() -> bool:
@@ -146,7 +163,7 @@ def _pack(t: torch.Tensor):
 def _unpack(packed):
     if not isinstance(packed, _Recipe):
         return packed
-    x = packed.shared.take()
+    x = packed.shared.peek() if getattr(_REPLAYING, "depth", 0) else packed.shared.take()
     if packed.view is None:
         return x
     shape, stride, offset = packed.view
