@@ -8,7 +8,8 @@ rebuilt from its rebuilt input. Keeping x as well costs one (N, in) tensor per a
 SmolLM2 a fifth of a training step's peak memory. So when x comes straight out of such an op, the LoRA
 layer keeps a reference to x's autograd node instead, and backward runs the op again on the tensors
 the node kept: the same kernel on the same tensors, so bit-identical to the forward's x, for the
-price of one elementwise pass over (N, in).
+price of one elementwise pass over (N, in). Layers that read one x (q/k/v; gate/up) share one rebuild
+(`Shared`): the first backward to need x rebuilds it, the last lets it go.
 
 What a product's node keeps follows from the product rule: for y = a·b it keeps a if b requires grad
 (d/db needs a) and b if a requires grad. A factor that is not kept requires grad itself, so it has a
