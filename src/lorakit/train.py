@@ -204,22 +204,29 @@ def _float_dtype(model) -> torch.dtype:
 
 
 def _micro_batches(dataset, t: runs.TrainSection, state: TrainState, mask_dtype: torch.dtype, flat: bool):
-    """Endless micro-batches across epochs, starting from the state's data position (for resume);
-    `flat`: one unpadded row per micro-batch (batching.collate(flat=True), attention.flat_attention)."""
+    """Endless (micro-batch, real tokens in it) across epochs, from the state's data position (for
+    resume), in batching.batches' order; `flat`: one unpadded row per micro-batch (batching.collate
+    (flat=True), attention.flat_attention). The tokens are the examples' (or packed rows') lengths:
+    a padded batch of packed rows cannot tell its pad tail from an example by its 4-D mask."""
+    lengths = [len(example["input_ids"]) for example in dataset]
     while True:
-        for batch in batching.batches(dataset, t.batch_size, seed=t.seed, epoch=state.epoch, start=state.micro,
-                                      group_by_length=t.group_by_length, mask_dtype=mask_dtype, flat=flat):
+        order = batching.batch_order(lengths, t.batch_size, t.seed, state.epoch, t.group_by_length)
+        for indices in order[state.micro:]:
             state.micro += 1
-            yield batch
+            yield (batching.collate([dataset[i] for i in indices], dataset.pad_id, mask_dtype, flat),
+                   sum(lengths[i] for i in indices))
         state.epoch, state.micro = state.epoch + 1, 0
 
 
 def _accumulate(model, micro, grad_accum: int, device, autocast_dtype, lean: bool = True) -> tuple[float, int]:
     """Forward/backward over grad_accum micro-batches; every loss token weighs the same. `lean`: store
     rebuildable activations as recipes (recompute.rebuilt_activations; off for compiled layers)."""
-    batches = [batching.to_device(next(micro), device) for _ in range(grad_accum)]
+    batches, tokens = [], 0
+    for batch, n_tokens in (next(micro) for _ in range(grad_accum)):
+        batches.append(batching.to_device(batch, device))
+        tokens += n_tokens
     n_total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-    loss_total, tokens = 0.0, 0
+    loss_total = 0.0
     for batch in batches:
         # a flat batch's attention holds over backward too: checkpointed layers run forward again there
         with attention.for_batch(model, batch):
@@ -228,8 +235,6 @@ def _accumulate(model, micro, grad_accum: int, device, autocast_dtype, lean: boo
                 loss_sum, _ = token_loss_sum(model, batch)
             (loss_sum / max(n_total, 1)).backward()
         loss_total += float(loss_sum.detach())
-        mask = batch.get("attention_mask")
-        tokens += int(mask.sum()) if mask is not None and mask.dim() == 2 else batch["input_ids"].numel()
     return loss_total / max(n_total, 1), tokens
 
 
