@@ -18,7 +18,7 @@ The trainer's default is neither: collate(flat=True) lays a batch's examples (or
 end to end in one unpadded row with their bounds as cu_seq_lens (attention.py), so no padding
 and no (T, T) mask is computed.
 
-Public: pack, collate, batches, batch_order, block_causal_mask, to_device, IGNORE_INDEX.
+Public: pack, collate, batches, batch_examples, batch_order, block_causal_mask, to_device, IGNORE_INDEX.
 """
 
 from __future__ import annotations
@@ -190,6 +190,14 @@ def batches(dataset, batch_size: int, seed: int, epoch: int = 0, start: int = 0,
     pad = getattr(dataset, "pad_id", None) if pad_id is None else pad_id
     if pad is None:
         raise LorakitError("batches needs pad_id for a dataset that does not carry one")
+    for examples in batch_examples(dataset, batch_size, seed, epoch, start, group_by_length):
+        yield collate(examples, pad, mask_dtype, flat)
+
+
+def batch_examples(dataset, batch_size: int, seed: int, epoch: int = 0, start: int = 0,
+                   group_by_length: bool = True) -> Iterator[list[dict]]:
+    """The examples of each batch of one epoch, uncollated, from batch number `start` on, in the
+    order of `batches` (for callers that need the examples too: the trainer counts their tokens)."""
     lengths = [len(example["input_ids"]) for example in dataset]
     for indices in batch_order(lengths, batch_size, seed, epoch, group_by_length)[start:]:
-        yield collate([dataset[i] for i in indices], pad, mask_dtype, flat)
+        yield [dataset[i] for i in indices]

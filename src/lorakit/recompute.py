@@ -24,6 +24,7 @@ trainer stores that as a recipe too and the step's activations shrink below the 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import torch
@@ -121,18 +122,21 @@ def replay(node) -> torch.Tensor:
     if type(node).__name__ == "ToCopyBackward0":
         dtype, device = _cast_target(node)
         return replay(node.next_functions[0][0]).to(dtype=dtype, device=device)
-    factors = []
-    for attr, (child, _) in zip(("_saved_self", "_saved_other"), node.next_functions):
-        _REPLAYING.depth = getattr(_REPLAYING, "depth", 0) + 1  # a saved factor read here is a peek
-        try:
-            kept = getattr(node, attr)
-        finally:
-            _REPLAYING.depth -= 1
-        factors.append(kept if kept is not None else replay(child))
-    return torch.mul(*factors)
+    with _peeking():  # these reads are not the node's own: see Shared.peek
+        kept = (node._saved_self, node._saved_other)
+    return torch.mul(*(k if k is not None else replay(child) for k, (child, _) in zip(kept, node.next_functions)))
 
 
 _REPLAYING = threading.local()  # .depth > 0 while replay reads a node's saved factors (see Shared.peek)
+
+
+@contextlib.contextmanager
+def _peeking():
+    _REPLAYING.depth = getattr(_REPLAYING, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _REPLAYING.depth -= 1
 
 
 def _saved_tensor_hooks_active() -> bool:

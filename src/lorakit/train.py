@@ -205,16 +205,15 @@ def _float_dtype(model) -> torch.dtype:
 
 def _micro_batches(dataset, t: runs.TrainSection, state: TrainState, mask_dtype: torch.dtype, flat: bool):
     """Endless (micro-batch, real tokens in it) across epochs, from the state's data position (for
-    resume), in batching.batches' order; `flat`: one unpadded row per micro-batch (batching.collate
-    (flat=True), attention.flat_attention). The tokens are the examples' (or packed rows') lengths:
-    a padded batch of packed rows cannot tell its pad tail from an example by its 4-D mask."""
-    lengths = [len(example["input_ids"]) for example in dataset]
+    resume); `flat`: one unpadded row per micro-batch (batching.collate(flat=True),
+    attention.flat_attention). The tokens are the examples' (or packed rows') lengths: a padded
+    batch of packed rows cannot tell its pad tail from an example by its 4-D mask."""
     while True:
-        order = batching.batch_order(lengths, t.batch_size, t.seed, state.epoch, t.group_by_length)
-        for indices in order[state.micro:]:
+        for examples in batching.batch_examples(dataset, t.batch_size, t.seed, state.epoch, state.micro,
+                                                t.group_by_length):
             state.micro += 1
-            yield (batching.collate([dataset[i] for i in indices], dataset.pad_id, mask_dtype, flat),
-                   sum(lengths[i] for i in indices))
+            yield (batching.collate(examples, dataset.pad_id, mask_dtype, flat),
+                   sum(len(e["input_ids"]) for e in examples))
         state.epoch, state.micro = state.epoch + 1, 0
 
 
