@@ -11,7 +11,7 @@ q/k/v/o (first table) and on all linear layers (second table); lorakit and PEFT 
 Forward (no_grad, eval): batch 8×64 tokens, row i uses adapter i mod N for N = 1, 2, 4, 8. For N = 16
 and 64 the batch is N rows × 512/N tokens (the same 512 tokens), every row its own adapter, and the
 base is timed on that shape. Variants: the base model; lorakit's stacked path (default); lorakit's
-segment fallback (a loop over adapters, as routing.py's docstring explains); PEFT's adapter_names.
+segment fallback (a loop over adapters, as layers/mixed.py's docstring explains); PEFT's adapter_names.
 Generation: greedy, 32 new tokens, 8 left-padded prompts of ≤ 64 tokens, 8 distinct adapters.
 
 Method (the machine is shared and noisy): all variants in this one process, interleaved with a rotating
@@ -129,15 +129,15 @@ def fmt(r: tuple) -> str:
 
 @contextlib.contextmanager
 def segments_only():
-    """Force routing.py's segment fallback (for the comparison column)."""
-    from lorakit import routing
+    """Force layers/mixed.py's segment fallback (for the comparison column)."""
+    from lorakit.layers import mixed
 
-    saved = routing._can_stack
-    routing._can_stack = lambda layer, present: False
+    saved = mixed.can_stack
+    mixed.can_stack = lambda layer, present: False
     try:
         yield
     finally:
-        routing._can_stack = saved
+        mixed.can_stack = saved
 
 
 # -- the benchmarks ----------------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ def floor_linear_share(device) -> float:
 
     from bench_core import build_base
     from bench_step import labelled_batch
-    from lorakit.losses import token_loss_sum
+    from lorakit.eval.losses import token_loss_sum
     model = build_base(30, device, torch.float32)
     model.requires_grad_(False)
     model.enable_input_require_grads()  # as bench_step's floor: backward through every activation

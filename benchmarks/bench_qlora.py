@@ -137,7 +137,7 @@ def load_and_wrap(args, variant: str):
     from transformers import LlamaForCausalLM
 
     import lorakit
-    from lorakit import quant
+    from lorakit.models import quantize as quant
 
     dtype, compute = dtypes(args.device)
     kwargs = {"dtype": dtype, "device_map": args.device}
@@ -161,7 +161,7 @@ def _release_freed_memory() -> None:
 
 
 def worker(args) -> dict:
-    from lorakit import quant
+    from lorakit.models import quantize as quant
 
     if args.threads:
         torch.set_num_threads(args.threads)

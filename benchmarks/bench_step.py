@@ -110,8 +110,9 @@ def build_variants(base, compile_: bool, checkpointing: bool = False) -> dict:
 
 
 def steps_for(models: dict, batch: dict, losses: dict) -> dict:
-    from lorakit import attention, recompute
-    from lorakit.losses import token_loss_sum
+    from lorakit.layers import recompute
+    from lorakit.models import attention
+    from lorakit.eval.losses import token_loss_sum
 
     def ours(model, opt, lean=True):
         b = batch["flat"]  # as the trainer collates (train.flat_batches)
@@ -167,7 +168,7 @@ def chat_batch(rows: int, device) -> dict:
 def both_layouts(examples: list[dict], device) -> dict:
     """{"padded": the usual (B, T) batch (PEFT's side), "flat": the trainer's (batching.collate with
     flat=True: one unpadded row when lengths differ, else the same (B, T) batch)}."""
-    from lorakit import batching
+    from lorakit.data import batching
     return {"padded": batching.to_device(batching.collate(examples, pad_id=0), device),
             "flat": batching.to_device(batching.collate(examples, 0, flat=True), device)}
 

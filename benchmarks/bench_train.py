@@ -65,10 +65,10 @@ def build(shape: str, device: str, dtype: torch.dtype):
 
 def demo_data(n: int, device: str, dtype: torch.dtype):
     """The real default model and the demo's examples (prompt-masked through its chat template)."""
-    from lorakit import data, models, records
+    from lorakit import data, models
     model, tok = models.load_model(models.DEFAULT_MODEL, dtype=dtype, device=device)
     root = Path(__file__).resolve().parent.parent / "examples" / "demo"
-    encode = lambda path: [data.encode(r, tok, 96) for r in records.load_records(root / path)]  # noqa: E731
+    encode = lambda path: [data.encode(r, tok, 96) for r in data.load_records(root / path)]  # noqa: E731
     return model, encode("train.jsonl")[:n], encode("eval.jsonl")
 
 
@@ -108,7 +108,8 @@ def run_side(args) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    from lorakit import attention, batching
+    from lorakit.data import batching
+    from lorakit.models import attention
     for batch in batches:
         batch = batching.to_device(batch, device)
         with attention.for_batch(model, batch):  # as the trainer: over backward too
@@ -126,7 +127,7 @@ def run_side(args) -> dict:
 
 
 def _batches(side, examples, batch_size, max_tokens, flat):
-    from lorakit import batching
+    from lorakit.data import batching
     if side == "peft":  # the usual: random order, pad to the longest in the batch
         order = list(range(len(examples)))
         random.Random(0).shuffle(order)
@@ -145,8 +146,8 @@ def _batches(side, examples, batch_size, max_tokens, flat):
 def _loss(side, model, batch):
     if side == "peft":
         return model(**batch).loss
-    from lorakit import recompute
-    from lorakit.losses import token_loss_sum
+    from lorakit.layers import recompute
+    from lorakit.eval.losses import token_loss_sum
     with recompute.rebuilt_activations():  # as the trainer's step does
         loss_sum, n = token_loss_sum(model, batch)
     return loss_sum / max(n, 1)
@@ -154,7 +155,7 @@ def _loss(side, model, batch):
 
 @torch.no_grad()
 def _eval(side, model, examples, device) -> float:
-    from lorakit import batching
+    from lorakit.data import batching
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), 8):

@@ -50,7 +50,7 @@ def qlora_cuda() -> None:
     import bitsandbytes as bnb
     import peft
     import lorakit
-    from lorakit import quant
+    from lorakit.models import quantize as quant
     for kind in ("nf4", "int8"):
         model = quant.quantize_model(tiny(torch.bfloat16).float().to("cuda"), kind)
         layer = model.model.layers[0].self_attn.q_proj
@@ -109,8 +109,8 @@ def routing_cuda() -> None:
 
 def packing_and_loss_cuda() -> None:
     import lorakit
-    from lorakit import batching
-    from lorakit.losses import token_loss_sum
+    from lorakit.data import batching
+    from lorakit.eval.losses import token_loss_sum
     model = tiny(torch.bfloat16)
     examples = [{"input_ids": list(range(5, 5 + n)), "labels": [-100] * 3 + list(range(8, 5 + n))} for n in (20, 30, 12)]
     rows = batching.pack(examples, 64)
@@ -131,7 +131,7 @@ def packing_and_loss_cuda() -> None:
         plain, _ = token_loss_sum(model, batch, fused=False)
     rel = abs(fused.item() - plain.item()) / plain.item()
     check("fused label-only loss equals plain loss (bf16, CUDA)", rel < 1e-2, f"rel diff {rel:.2e}")
-    from lorakit import attention
+    from lorakit.models import attention
     flat = batching.to_device(batching.collate(examples, 0, flat=True), "cuda")
     with attention.flat_attention(model), torch.autocast("cuda", dtype=torch.bfloat16):
         flat_loss, _ = token_loss_sum(model, flat)
@@ -143,7 +143,7 @@ def bf16_training() -> None:
     import json
     import tempfile
     from pathlib import Path
-    from lorakit.runs import load_run
+    from lorakit.train import load_run
     from lorakit.train import train
     from transformers import PreTrainedTokenizerFast
     tmp = Path(tempfile.mkdtemp())

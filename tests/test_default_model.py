@@ -8,16 +8,16 @@ import json
 
 import pytest
 
-from lorakit import evaluate, records
-from lorakit.runs import load_run
-from lorakit.train import train
+from lorakit import eval as evaluate
+from lorakit.data import load_records
+from lorakit.train import load_run, train
 
 pytestmark = pytest.mark.slow
 
 
 def test_default_model_learns_date_normalisation(tmp_path):
     pytest.importorskip("gguf")
-    rows = records.load_records("examples/demo/eval.jsonl")[:24]
+    rows = load_records("examples/demo/eval.jsonl")[:24]
     small_eval = tmp_path / "eval.jsonl"
     small_eval.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = load_run("configs/demo.yaml", overrides=[f"output_dir={tmp_path / 'run'}", "train.max_steps=24",

@@ -1,29 +1,36 @@
 """lorakit: Low-Rank Adaptation for transformer models.
 
 Two faces over one implementation: the PEFT-style API (LoraConfig, get_peft_model, PeftModel) and
-plain functions over any torch nn.Module (add_adapter, save_adapter, merge_and_unload, ...).
+plain functions over any torch nn.Module (add_adapter, save_adapter, merge_and_unload, ...). This file
+re-exports the public API and nothing else; the package tree is the architecture (README, Layout).
 """
 
+from . import _compat
 from .adapters import (
     active_adapters,
+    adapter_rows,
     add_adapter,
     count_parameters,
     delete_adapter,
     disable_adapters,
+    load_adapter,
     lora_layers,
     merge,
     merge_and_unload,
+    merge_to_full_precision,
+    read_adapter,
+    save_adapter,
     set_adapter,
     trainable_report,
     unload,
     unmerge,
 )
-from .checkpoint import load_adapter, read_adapter, save_adapter
-from .combine import CombineReport, add_weighted_adapter, combine_adapters, negate_adapter
-from .combine_dirs import combine_adapter_dirs
+from .combine import CombineReport, add_weighted_adapter, combine_adapter_dirs, combine_adapters, negate_adapter
 from .config import LoraConfig
 from .errors import LorakitError
 from .layers import LoraLayer
+from .models import compile_layers, enable_checkpointing, load_model
+from .models.quantize import quantization_config, quantize_model, weight_memory_report
 from .peft_compat import (
     LoraModel,
     PeftModel,
@@ -33,16 +40,11 @@ from .peft_compat import (
     PeftModelForSeq2SeqLM,
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
+    TaskType,
     get_peft_model,
 )
-from .models import compile_layers, enable_checkpointing, load_model
-from .quant import merge_to_full_precision, quantization_config, quantize_model, weight_memory_report
-from .routing import adapter_rows
-from .runs import RunConfig, load_run
-from .variants import lora_plus_optimizer, lora_plus_param_groups
+from .train import RunConfig, load_run, lora_plus_optimizer, lora_plus_param_groups
 
-
+_compat.install()
 
 __version__ = "0.1.0"
-TaskType = type("TaskType", (), {t: t for t in ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS",
-                                                 "QUESTION_ANS", "FEATURE_EXTRACTION")})

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_text
 from .errors import LorakitError
 
 CONFIG_NAME = "adapter_config.json"
@@ -173,8 +174,7 @@ class LoraConfig:
         return self.alpha_pattern.get(pattern_key(self.alpha_pattern, module_name), self.lora_alpha)
 
     def scaling_for(self, module_name: str) -> float:
-        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+        return lora_scaling(self.alpha_for(module_name), self.rank_for(module_name), self.use_rslora)
 
     # -- the file form -------------------------------------------------------------------------------
 
@@ -206,8 +206,9 @@ class LoraConfig:
             raise LorakitError(f"{source}: {e}") from None
 
     def save(self, directory: str | Path) -> Path:
+        """Write adapter_config.json into `directory` (atomically): the one writer of that file."""
         path = Path(directory) / CONFIG_NAME
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True, default=_json_default) + "\n")
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True, default=_json_default) + "\n")
         return path
 
     @classmethod
@@ -226,6 +227,11 @@ class LoraConfig:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d.update(changes)
         return LoraConfig(**d)
+
+
+def lora_scaling(alpha: float, r: int, rslora: bool = False) -> float:
+    """s = alpha/r, or alpha/sqrt(r) for rsLoRA (Kalajdzievski 2023), which keeps updates stable at high r."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
 
 
 def pattern_key(patterns: dict, module_name: str) -> str:

@@ -12,20 +12,20 @@ import textwrap
 import time
 from pathlib import Path
 
-from . import records
-from .evaluate import exact_match, prompt_and_answer
-from .runs import load_run
+from .data import load_records
+from .eval.generation import exact_match, prompt_and_answer
+from .train import load_run
 
 
 def run_demo(config_path: str | Path = "configs/demo.yaml", overrides: list[str] = (), samples: int = 6) -> dict:
-    from .models import load_model
+    from .models.load import load_model
     from .train import train
 
     cfg = load_run(config_path, overrides=list(overrides))
     t0 = time.time()
     print(f"lorakit demo: loading {cfg.model} ...", flush=True)
     model, tokenizer = load_model(cfg.model)
-    rows = records.load_records(cfg.data.eval)
+    rows = load_records(cfg.data.eval)
     print(f"lorakit demo: {len(rows)} held-out examples; evaluating the base model", flush=True)
     base = exact_match(model, tokenizer, rows, progress=True)
     t_base = time.time()

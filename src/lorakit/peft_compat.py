@@ -6,8 +6,8 @@
     model = PeftModel.from_pretrained(base_model, "adapter")
 
 PeftModel holds the transformers model at `base_model.model` like PEFT, so parameter names
-(base_model.model.model.layers.0...) agree. Every method is a thin call into adapters.py /
-checkpoint.py; unknown attributes fall through to the wrapped model (config, generate, device...).
+(base_model.model.model.layers.0...) agree. Every method is a thin call into adapters/ or
+combine/; unknown attributes fall through to the wrapped model (config, generate, device...).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from pathlib import Path
 
 from torch import nn
 
-from . import adapters, checkpoint, routing
+from .adapters import files, manage, rows
+from .combine import add_weighted_adapter as _add_weighted_adapter
 from .config import LoraConfig
 from .errors import LorakitError
 
@@ -50,16 +51,16 @@ class PeftModel(nn.Module):
                  autocast_adapter_dtype: bool = True):
         super().__init__()
         self.base_model = LoraModel(model)
-        adapters.add_adapter(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        manage.add_adapter(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
 
     # -- state -----------------------------------------------------------------------------------------
     @property
     def peft_config(self) -> dict[str, LoraConfig]:
-        return adapters.configs(self.get_base_model())
+        return manage.configs(self.get_base_model())
 
     @property
     def active_adapters(self) -> list[str]:
-        return adapters.active_adapters(self.get_base_model())
+        return manage.active_adapters(self.get_base_model())
 
     @property
     def active_adapter(self) -> str:
@@ -81,55 +82,54 @@ class PeftModel(nn.Module):
     def _rows(self, adapter_names):
         if adapter_names is None:
             return contextlib.nullcontext()
-        return routing.adapter_rows(self.get_base_model(), adapter_names)
+        return rows.adapter_rows(self.get_base_model(), adapter_names)
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        with adapters.disable_adapters(self.get_base_model()):
+        with manage.disable_adapters(self.get_base_model()):
             yield
 
     # -- adapters --------------------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False) -> None:
         """Add a new adapter; as in PEFT it is not activated (call set_adapter)."""
-        adapters.add_adapter(self.get_base_model(), peft_config, adapter_name, activate=False)
+        manage.add_adapter(self.get_base_model(), peft_config, adapter_name, activate=False)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
-        adapters.set_adapter(self.get_base_model(), adapter_name)
+        manage.set_adapter(self.get_base_model(), adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        adapters.delete_adapter(self.get_base_model(), adapter_name)
+        manage.delete_adapter(self.get_base_model(), adapter_name)
 
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False, **kwargs):
-        checkpoint.load_adapter(self.get_base_model(), _local_dir(model_id, kwargs), adapter_name,
-                                is_trainable=is_trainable, activate=False)
+        files.load_adapter(self.get_base_model(), _local_dir(model_id, kwargs), adapter_name,
+                           is_trainable=is_trainable, activate=False)
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
                              combination_type: str = "svd", svd_rank: int | None = None, **kw):
         """PEFT's signature; the math and its differences are in combine.add_weighted_adapter."""
-        from .combine import add_weighted_adapter
-        return add_weighted_adapter(self.get_base_model(), adapters, weights, adapter_name, combination_type,
-                                    svd_rank, **kw)
+        return _add_weighted_adapter(self.get_base_model(), adapters, weights, adapter_name, combination_type,
+                                     svd_rank, **kw)
 
     # -- merging ---------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        adapters.merge(self.get_base_model(), adapter_names, safe_merge)
+        manage.merge(self.get_base_model(), adapter_names, safe_merge)
 
     def unmerge_adapter(self) -> None:
-        adapters.unmerge(self.get_base_model())
+        manage.unmerge(self.get_base_model())
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: list[str] | None = None) -> nn.Module:
-        return adapters.merge_and_unload(self.get_base_model(), safe_merge, adapter_names)
+        return manage.merge_and_unload(self.get_base_model(), safe_merge, adapter_names)
 
     def unload(self) -> nn.Module:
-        return adapters.unload(self.get_base_model())
+        return manage.unload(self.get_base_model())
 
     # -- reporting -------------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        return adapters.count_parameters(self)
+        return manage.count_parameters(self)
 
     def print_trainable_parameters(self) -> None:
-        print(adapters.trainable_report(self))
+        print(manage.trainable_report(self))
 
     # -- files -----------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None,
@@ -142,7 +142,7 @@ class PeftModel(nn.Module):
             if cfg.task_type is None and cfg.auto_mapping is None:
                 self.peft_config[name] = cfg.replace(auto_mapping={
                     "base_model_class": type(model).__name__, "parent_library": type(model).__module__})
-            checkpoint.save_adapter(model, directory, name, save_embedding_layers)
+            files.save_adapter(model, directory, name, save_embedding_layers)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | Path, adapter_name: str = "default",
@@ -151,7 +151,7 @@ class PeftModel(nn.Module):
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.base_model = LoraModel(model)
-        checkpoint.load_adapter(model, _local_dir(model_id, kwargs), adapter_name, is_trainable=is_trainable)
+        files.load_adapter(model, _local_dir(model_id, kwargs), adapter_name, is_trainable=is_trainable)
         return self
 
     def __getattr__(self, name: str):
@@ -162,6 +162,9 @@ class PeftModel(nn.Module):
                 raise
             return getattr(super().__getattr__("base_model"), name)
 
+
+TaskType = type("TaskType", (), {t: t for t in ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS",
+                                                 "QUESTION_ANS", "FEATURE_EXTRACTION")})
 
 # PEFT's task-specific classes behave the same here.
 PeftModelForCausalLM = PeftModelForSequenceClassification = PeftModelForTokenClassification = PeftModel

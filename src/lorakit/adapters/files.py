@@ -1,0 +1,224 @@
+"""Adapters on disk in PEFT's format: the one place that knows its file names and tensor keys.
+
+An adapter folder holds adapter_config.json and adapter_model.safetensors whose keys are PEFT's:
+    base_model.model.<module>.lora_A.weight   (r, in)      linear / Conv1D
+    base_model.model.<module>.lora_B.weight   (out, r)
+    base_model.model.<module>.lora_embedding_A / _B        nn.Embedding, (r, num) and (dim, r)
+    base_model.model.<module>.lora_magnitude_vector        DoRA, (out,)
+plus biases (bias='all' / 'lora_only'), modules_to_save copies under the module's own name, and, as
+PEFT does when an embedding layer is targeted, the embedding base weights. Safetensors only: nothing
+is ever unpickled. Loading checks every key and shape first and reports all problems in one error.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..atomic import atomic_write
+from ..config import ALL_LINEAR, LoraConfig
+from ..errors import LorakitError
+from . import manage
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT saves these base weights when targeted
+# PEFT's keys of a module's LoRA tensors (after PREFIX): A / B of linear layers, of embeddings, DoRA's m
+_FACTOR_KEY = re.compile(r"(?P<module>.*)\.(?:lora_(?P<ab>A|B)\.weight|lora_embedding_(?P<emb>A|B)|"
+                         r"(?P<mag>lora_magnitude_vector)(?:\.weight)?)")
+
+
+def factor_key(module: str, part: str, embedding: bool = False) -> str:
+    """PEFT's on-disk key (without PREFIX) of `module`'s tensor `part`: "A", "B" or "magnitude"."""
+    if part == "magnitude":
+        return f"{module}.lora_magnitude_vector"
+    return f"{module}.lora_embedding_{part}" if embedding else f"{module}.lora_{part}.weight"
+
+
+def parse_factor_key(key: str) -> tuple[str, str, bool] | None:
+    """(module, "A" | "B" | "magnitude", is an embedding's) for a LoRA tensor key (PREFIX stripped), else None."""
+    m = _FACTOR_KEY.fullmatch(key)
+    if m is None:
+        return None
+    return m["module"], "magnitude" if m["mag"] else (m["ab"] or m["emb"]), m["emb"] is not None
+
+
+def write_adapter(directory: str | Path, config: LoraConfig, tensors: dict[str, torch.Tensor],
+                  metadata: dict[str, str]) -> Path:
+    """Write adapter_model.safetensors (keys as given) and adapter_config.json, each atomically."""
+    directory = Path(directory)
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt", **metadata}))
+    config.save(directory)
+    return directory
+
+
+def _disk_key(mem_key: str, name: str, embedding_layers: set[str]) -> str | None:
+    """In-memory parameter name -> PEFT's on-disk key for adapter `name` (None: not this adapter's)."""
+    m = re.fullmatch(rf"(.*)\.lora_(A|B|magnitude_vector)\.{re.escape(name)}", mem_key)
+    if m:
+        module, part = m.groups()
+        part = "magnitude" if part == "magnitude_vector" else part
+        return factor_key(module, part, module in embedding_layers)
+    m = re.fullmatch(rf"(.*)\.modules_to_save\.{re.escape(name)}\.(.*)", mem_key)
+    if m:
+        return f"{m.group(1)}.{m.group(2)}"
+    return None
+
+
+def _embedding_targeted(model: nn.Module, config: LoraConfig) -> bool:
+    spec = config.target_modules
+    if isinstance(spec, str):
+        return spec != ALL_LINEAR and any(re.fullmatch(spec, n) for n, _ in model.named_modules()
+                                          if any(re.match(rf"(.*\.)?{e}$", n) for e in EMBEDDING_LAYER_NAMES))
+    return any(e in (spec or []) for e in EMBEDDING_LAYER_NAMES)
+
+
+def adapter_state_dict(model: nn.Module, name: str = "default", save_embedding_layers: bool | str = "auto",
+                       prefix: str = PREFIX) -> dict[str, torch.Tensor]:
+    """The tensors of adapter `name` under PEFT's on-disk keys."""
+    config = manage.configs(model)[name]
+    embedding_layers = {n for n, layer in manage.lora_layers(model) if layer.kind == "embedding"}
+    state = model.state_dict()
+    out = {}
+    for key, value in state.items():
+        disk = _disk_key(key, name, embedding_layers)
+        if disk is not None:
+            out[disk] = value
+    if config.bias == "all":
+        out.update({k: v for k, v in state.items() if "bias" in k and ".lora_" not in k
+                    and ".modules_to_save." not in k and ".original_module." not in k})
+    elif config.bias == "lora_only":
+        out.update({f"{n}.base_layer.bias": layer.base_layer.bias for n, layer in manage.lora_layers(model)
+                    if getattr(layer.base_layer, "bias", None) is not None})
+    targeted = _embedding_targeted(model, config)
+    if save_embedding_layers is True or (save_embedding_layers == "auto" and targeted):
+        out.update(_embedding_base_weights(model, state, only_wrapped=targeted))
+    return {prefix + k: v.detach().contiguous() for k, v in out.items()}
+
+
+def _embedding_base_weights(model: nn.Module, state: dict, only_wrapped: bool) -> dict:
+    """Input/output embedding weights (PEFT: when embeddings are targeted, only LoRA-wrapped ones)."""
+    found = {}
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model, getter, lambda: None)()
+        if module is None or (only_wrapped and not hasattr(module, "base_layer")):
+            continue
+        name = next((n for n, m in model.named_modules() if m is module), None)
+        if name:
+            found.update({k: v for k, v in state.items() if k.startswith(f"{name}.") and ".lora_" not in k})
+    return found
+
+
+def save_adapter(model: nn.Module, directory: str | Path, name: str = "default",
+                 save_embedding_layers: bool | str = "auto", base_model_name_or_path: str | None = None) -> Path:
+    """Write adapter `name` as adapter_config.json + adapter_model.safetensors (each file atomically)."""
+    manage._check_name(model, name, must_exist=True)
+    directory = Path(directory)
+    config = manage.configs(model)[name]
+    if base_model_name_or_path is None:
+        base_model_name_or_path = config.base_model_name_or_path or getattr(
+            getattr(model, "config", None), "_name_or_path", None) or None
+    config = config.replace(base_model_name_or_path=base_model_name_or_path)
+    tensors = adapter_state_dict(model, name, save_embedding_layers)
+    return write_adapter(directory, config, tensors, {"lorakit": json.dumps({"lora_fa": config.lora_fa})})
+
+
+def read_adapter(directory: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """Read an adapter folder (lorakit's or PEFT's) without a model: its config and tensors."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise LorakitError(f"adapter folder {str(directory)!r} does not exist")
+    config = LoraConfig.load(directory)
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        bin_path = directory / "adapter_model.bin"
+        hint = (" It has adapter_model.bin (a pickle); lorakit never unpickles files: convert it with PEFT "
+                "(load and save_pretrained with safe_serialization=True)." if bin_path.exists() else "")
+        raise LorakitError(f"{path} not found.{hint}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise LorakitError(f"{path} is not a readable safetensors file ({e}); re-save the adapter") from None
+    extras = json.loads(meta.get("lorakit", "{}"))
+    if extras.get("lora_fa"):
+        config = config.replace(lora_fa=True)
+    return config, tensors
+
+
+def load_adapter(model: nn.Module, directory: str | Path, name: str = "default", is_trainable: bool = False,
+                 activate: bool = True) -> nn.Module:
+    """Add adapter `name` from a folder written by lorakit or PEFT, checking every key and shape."""
+    config, tensors = read_adapter(directory)
+    init_config = config.replace(init_lora_weights=False, inference_mode=not is_trainable)
+    state = _strip_prefix(tensors)
+    try:
+        manage.add_adapter(model, init_config, name, activate=activate)
+    except LorakitError as e:
+        raise LorakitError(f"the adapter in {directory} does not fit this model (was it trained on another base "
+                           f"model? it names {config.base_model_name_or_path!r}):\n{e}") from None
+    try:
+        _copy_in(model, state, name, str(Path(directory) / WEIGHTS_NAME))
+    except LorakitError:
+        manage.delete_adapter(model, name)
+        raise
+    manage.configs(model)[name] = config.replace(inference_mode=not is_trainable)
+    if not is_trainable:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return model
+
+
+def load_weights(model: nn.Module, directory: str | Path, name: str = "default") -> None:
+    """Copy the tensors of an adapter folder into the existing adapter `name` (e.g. to resume training)."""
+    _, tensors = read_adapter(directory)
+    _copy_in(model, _strip_prefix(tensors), name, str(Path(directory) / WEIGHTS_NAME))
+
+
+def _strip_prefix(tensors: dict) -> dict:
+    return {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in tensors.items()}
+
+
+def _copy_in(model: nn.Module, state: dict, name: str, source: str) -> None:
+    embedding_layers = {n for n, layer in manage.lora_layers(model) if layer.kind == "embedding"}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    wanted = {}  # disk key -> in-memory parameter
+    for key, p in params.items():
+        disk = _disk_key(key, name, embedding_layers)
+        if disk is not None:
+            wanted[disk] = p
+    problems = []
+    missing = [k for k in wanted if k not in state]
+    if missing:
+        problems.append(f"{len(missing)} adapter tensor(s) missing from the file, e.g. {missing[:3]}")
+    for key, value in state.items():
+        target = _target(wanted, params, key)
+        if target is None:
+            problems.append(f"tensor {key!r} matches no module of this model (was the adapter trained on "
+                            f"another base model?)")
+        elif tuple(target.shape) != tuple(value.shape):
+            problems.append(f"tensor {key!r} has shape {tuple(value.shape)} but this model needs "
+                            f"{tuple(target.shape)} (another base model or another r?)")
+    LorakitError.collect(problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else []),
+                         f"{source} does not fit this model:")
+    with torch.no_grad():
+        for key, value in state.items():
+            target = _target(wanted, params, key)
+            target.copy_(value.to(target.dtype))
+
+
+def _target(wanted: dict, params: dict, key: str):
+    """The parameter a file key loads into: an adapter tensor, a base parameter (bias, embedding) under
+    its own name, or one saved under the unwrapped name that now lives at '.base_layer.'."""
+    for found in (wanted.get(key), params.get(key)):
+        if found is not None:
+            return found
+    module, _, leaf = key.rpartition(".")
+    return params.get(f"{module}.base_layer.{leaf}")

@@ -1,0 +1,203 @@
+"""Named adapters on a plain nn.Module: add, activate, disable, delete, merge, unload, report.
+
+These functions are lorakit's own API and the implementation behind the PEFT-style wrapper. The
+configs of a model's adapters live in `model.lorakit_configs` (a plain dict attribute, not state).
+Lifecycle: add_adapter wraps and freezes; set_adapter picks what runs; merge/unmerge fold weights
+in and out; merge_and_unload / unload return a plain model with no lorakit modules left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+from torch import nn
+
+from ..config import ALL_LINEAR, LoraConfig
+from ..errors import LorakitError
+from ..layers import DoRA, LoraLayer
+from .inject import ModulesToSave, find_targets, layer_kind, unwrap, wrap, wrap_modules_to_save
+
+CONFIGS_ATTR = "lorakit_configs"
+
+
+def configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """The adapters on `model`, name -> config (empty if none)."""
+    return model.__dict__.setdefault(CONFIGS_ATTR, {})
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoraLayer):
+            yield name, mod
+
+
+def _saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
+    for name, mod in model.named_modules():
+        if isinstance(mod, ModulesToSave):
+            yield name, mod
+
+
+def _check_name(model: nn.Module, name: str, must_exist: bool) -> None:
+    have = configs(model)
+    if must_exist and name not in have:
+        raise LorakitError(f"no adapter named {name!r}; this model has {sorted(have) or 'none'}")
+    if not must_exist and name in have:
+        raise LorakitError(f"an adapter named {name!r} already exists; pick another name or delete it first")
+
+
+def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", activate: bool = True,
+                autocast_adapter_dtype: bool = True) -> nn.Module:
+    """Wrap the targeted layers, create adapter `name` in each, freeze everything else.
+
+    Trainable afterwards: the adapter's A, B (A frozen with lora_fa), DoRA magnitudes, modules_to_save
+    copies, and biases when config.bias is 'all' or 'lora_only'.
+    """
+    _check_name(model, name, must_exist=False)
+    if not isinstance(config, LoraConfig):
+        raise LorakitError(f"expected a lorakit LoraConfig, got {type(config).__name__}")
+    targets = find_targets(model, config)
+    if config.target_modules == ALL_LINEAR:  # PEFT records the expanded module names
+        config = config.replace(target_modules=sorted(targets))
+    if any(layer_kind(model.get_submodule(t)) == "conv1d" for t in targets) and not config.fan_in_fan_out:
+        config = config.replace(fan_in_fan_out=True)  # as PEFT does for GPT-2's Conv1D
+    for target in targets:
+        layer = wrap(model, target)
+        layer.add(name, r=config.rank_for(target), scaling=config.scaling_for(target),
+                  dropout=config.lora_dropout, init=config.init_lora_weights,
+                  variant=DoRA() if config.use_dora else None, upcast=autocast_adapter_dtype)
+        if config.lora_fa:  # LoRA-FA (Zhang et al. 2023): A stays at its random init; only B trains
+            layer.lora_A[name].requires_grad_(False)
+    if config.modules_to_save:
+        wrap_modules_to_save(model, config, name)
+    configs(model)[name] = config
+    _freeze_base(model, config)
+    if activate or len(configs(model)) == 1:
+        set_adapter(model, name)
+    else:
+        _set_requires_grad(model, name, False)
+    return model
+
+
+def _freeze_base(model: nn.Module, config: LoraConfig) -> None:
+    """Freeze every parameter that is not an adapter's; then open the biases the config asks for."""
+    for pname, p in model.named_parameters():
+        if ".lora_" not in pname and ".modules_to_save." not in pname:
+            p.requires_grad_(False)
+    if config.bias == "all":
+        for pname, p in model.named_parameters():
+            if pname.endswith("bias"):
+                p.requires_grad_(True)
+    elif config.bias == "lora_only":
+        for _, layer in lora_layers(model):
+            bias = getattr(layer.base_layer, "bias", None)
+            if bias is not None:
+                bias.requires_grad_(True)
+
+
+def _set_requires_grad(model: nn.Module, name: str, flag: bool) -> None:
+    fa = configs(model)[name].lora_fa if name in configs(model) else False
+    for _, layer in lora_layers(model):
+        for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector):
+            if name in store:
+                store[name].requires_grad_(flag and not (fa and store is layer.lora_A))
+    for _, mod in _saved_modules(model):
+        if name in mod.modules_to_save:
+            mod.modules_to_save[name].requires_grad_(flag)
+
+
+def set_adapter(model: nn.Module, names: str | list[str]) -> None:
+    """Make `names` the active adapter(s): they run in forward and are the trainable ones."""
+    names = [names] if isinstance(names, str) else list(names)
+    for n in names:
+        _check_name(model, n, must_exist=True)
+    for other in configs(model):
+        _set_requires_grad(model, other, other in names)
+    for _, layer in lora_layers(model):
+        layer.active_adapters = [n for n in names if n in layer.lora_A]
+    for _, mod in _saved_modules(model):
+        mod.active_adapter = next((n for n in names if n in mod.modules_to_save), None)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    for _, layer in lora_layers(model):
+        return list(layer.active_adapters)
+    return []
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """Inside this block the model computes as its base (merged adapters are unmerged first)."""
+    mods = [m for _, m in lora_layers(model)] + [m for _, m in _saved_modules(model)]
+    for m in mods:
+        if isinstance(m, LoraLayer) and m.merged_adapters:
+            m.unmerge()
+    before = [m.disabled for m in mods]
+    try:
+        for m in mods:
+            m.disabled = True
+        yield model
+    finally:
+        for m, flag in zip(mods, before):
+            m.disabled = flag
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove every trace of adapter `name`; layers left with no adapter go back to their base layer."""
+    _check_name(model, name, must_exist=True)
+    for _, layer in lora_layers(model):
+        layer.delete(name)
+    for _, mod in _saved_modules(model):
+        mod.modules_to_save.pop(name, None)
+        if mod.active_adapter == name:
+            mod.active_adapter = None
+    del configs(model)[name]
+    if not configs(model):
+        unwrap(model)
+        model.__dict__.pop(CONFIGS_ATTR, None)
+    elif not active_adapters(model):
+        set_adapter(model, next(iter(configs(model))))
+
+
+def merge(model: nn.Module, names: list[str] | None = None, safe_merge: bool = False) -> None:
+    """Fold adapters (default: the active ones) into the base weights; zero added latency."""
+    for n in names or []:
+        _check_name(model, n, must_exist=True)
+    for _, layer in lora_layers(model):
+        layer.merge(names, safe=safe_merge)
+
+
+def unmerge(model: nn.Module) -> None:
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+    """Merge the active adapters and return the plain model (same object), with no lorakit modules."""
+    merge(model, adapter_names, safe_merge=safe_merge)
+    return unload(model)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove all adapters without merging: the base model comes back unchanged."""
+    unwrap(model)
+    model.__dict__.pop(CONFIGS_ATTR, None)
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) counted like PEFT: 4-bit packed parameters count twice per stored byte."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if type(p).__name__ == "Params4bit":
+            n = n * 2 * (p.element_size() if hasattr(p, "element_size") else 1)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def trainable_report(model: nn.Module) -> str:
+    """PEFT's exact line: 'trainable params: 1,234 || all params: 5,678 || trainable%: 21.7330'."""
+    trainable, total = count_parameters(model)
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"

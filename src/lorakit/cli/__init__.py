@@ -1,0 +1,48 @@
+"""The `lorakit` command: one verb a file, each parsing its flags and calling one library function.
+
+    lorakit train CONFIG [--run NAME] [--set k=v ...] [--resume]
+    lorakit eval --model M [--adapter DIR] --data FILE --metric exact_match|perplexity|kl [--json]
+    lorakit generate --model M [--adapter DIR] [--prompt TEXT]
+    lorakit merge --model M --adapter DIR --out DIR
+    lorakit inspect ADAPTER_DIR [--png FILE] [--json]
+    lorakit combine DIR_A DIR_B --weights 0.7 0.3 --method linear --rank 16 --out DIR
+    lorakit demo [CONFIG]
+
+Errors print one line (`lorakit: error: ...`) and exit 2; no traceback for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import LorakitError
+from . import combine, demo, evaluate, generate, inspection, merge, train
+
+VERBS = {"train": train, "eval": evaluate, "generate": generate, "merge": merge, "inspect": inspection,
+         "combine": combine, "demo": demo}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning: train, evaluate, merge, "
+                                "inspect and combine adapters (PEFT-compatible files).")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for verb in VERBS.values():
+        verb.add(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return VERBS[args.command].run(args)
+    except LorakitError as e:
+        print(f"lorakit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lorakit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

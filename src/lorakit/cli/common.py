@@ -1,0 +1,29 @@
+"""What several verbs share: the --model / --adapter / --quantize flags and loading what they name."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..models.default import DEFAULT_MODEL
+from ..models.quantize import QUANT_KINDS
+
+
+def model_args(p: argparse.ArgumentParser, adapter_required: bool = False) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"local folder, Hub id, or the embedded default '{DEFAULT_MODEL}'")
+    p.add_argument("--adapter", required=adapter_required, help="adapter folder (lorakit's or PEFT's)")
+    p.add_argument("--quantize", default="none", choices=list(QUANT_KINDS), help="load the base quantized (QLoRA)")
+
+
+def load(args):
+    """(model, tokenizer) as --model / --quantize / --adapter say."""
+    from ..adapters import files
+    from ..models.load import load_model
+    kwargs = {}
+    if getattr(args, "quantize", "none") != "none":
+        from ..models.quantize import quantization_config
+        kwargs["quantization_config"] = quantization_config(args.quantize)
+    model, tokenizer = load_model(args.model, **kwargs)
+    if args.adapter:
+        files.load_adapter(model, args.adapter)
+    return model, tokenizer

@@ -1,0 +1,28 @@
+"""The ground floor: the LoRA math on one layer. Imports torch and lorakit.errors only.
+
+    layer.py      LoraLayer (add/delete, forward, delta weight, merge/unmerge), the Variant protocol,
+                  the per-call row plan (a context variable)
+    bases.py      base kinds (Linear, Conv1D, Embedding) behind one small registry
+    bnb.py        bitsandbytes 4/8-bit base kinds, registered like any other
+    dora.py       DoRA as a variant object that owns its caches
+    mixed.py      per-row adapters in one forward (RowPlan, the stacked and segment paths)
+    fused.py      the training fast path: one autograd node per LoRA linear
+    recompute.py  training memory: rebuild a LoRA layer's input in backward from what the base keeps
+"""
+
+from . import bnb  # noqa: F401  (registers the bitsandbytes base kinds)
+from .bases import BaseKind, dense_weight, kind_of, register
+from .dora import DoRA
+from .fused import _LoraLinear  # noqa: F401  (old import path: lorakit.layers._LoraLinear)
+from .layer import LoraLayer, Variant, current_row_plan, using_row_plan
+from .mixed import BASE, RowPlan, Stacks
+
+
+def layer_kind(module) -> str | None:
+    """'linear' | 'conv1d' | 'embedding' for a module LoRA can wrap, else None."""
+    kind = kind_of(module)
+    return kind.family if kind is not None else None
+
+
+__all__ = ["BASE", "BaseKind", "DoRA", "LoraLayer", "RowPlan", "Stacks", "Variant", "current_row_plan",
+           "dense_weight", "kind_of", "layer_kind", "register", "using_row_plan"]

@@ -1,0 +1,107 @@
+"""Base kinds: how a LoRA layer reads and writes the weight of each kind of layer it can wrap.
+
+A base kind is a small object with one job per method, registered here so that a new base layer
+type (a quantized linear, a convolution) plugs in without touching the LoRA math:
+
+    family      the adapter's shape convention: "linear" (A (r, in), B (out, r)), "conv1d" (the same,
+                for GPT-2's Conv1D whose weight is stored (in, out)), "embedding" (PEFT's convention:
+                A (r, num_embeddings), B (dim, r))
+    quantized   whether the stored weight is not the dense one (adapters then stay fp32)
+    matches(m)  whether module m is of this kind
+    features(m) (in, out) as the adapter sees them
+    weight(m)   the dense weight: (out, in) for linear families, (num_embeddings, dim) for embeddings
+    set_weight(m, W)   write a dense weight back (merge, unmerge, PiSSA's residual)
+    prepare(m)  called once when LoRA wraps m
+
+`kind_of(module)` asks the registered kinds, most recently registered first (so a subclass kind such
+as bitsandbytes' Linear4bit, itself an nn.Linear, is found before plain Linear).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import LorakitError
+
+
+class BaseKind:
+    """The plain nn.Linear kind; other kinds override what differs."""
+
+    name = "linear"
+    family = "linear"
+    quantized = False
+
+    def matches(self, module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear)
+
+    def features(self, module: nn.Module) -> tuple[int, int]:
+        return module.in_features, module.out_features
+
+    def weight(self, module: nn.Module) -> torch.Tensor:
+        return module.weight
+
+    def set_weight(self, module: nn.Module, W: torch.Tensor) -> None:
+        module.weight.data.copy_(W)
+
+    def prepare(self, module: nn.Module) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<base kind {self.name}>"
+
+
+class Conv1DKind(BaseKind):
+    """transformers' Conv1D (GPT-2): a linear layer whose weight is stored (in, out), "fan_in_fan_out"."""
+
+    name = family = "conv1d"
+
+    def matches(self, module: nn.Module) -> bool:
+        return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+    def features(self, module: nn.Module) -> tuple[int, int]:
+        n_in, n_out = module.weight.shape
+        return n_in, n_out
+
+    def weight(self, module: nn.Module) -> torch.Tensor:
+        return module.weight.T
+
+    def set_weight(self, module: nn.Module, W: torch.Tensor) -> None:
+        module.weight.data.copy_(W.T)
+
+
+class EmbeddingKind(BaseKind):
+    name = family = "embedding"
+
+    def matches(self, module: nn.Module) -> bool:
+        return isinstance(module, nn.Embedding)
+
+    def features(self, module: nn.Module) -> tuple[int, int]:
+        return module.num_embeddings, module.embedding_dim
+
+
+_KINDS: list[BaseKind] = [BaseKind(), Conv1DKind(), EmbeddingKind()]
+
+
+def register(kind: BaseKind) -> BaseKind:
+    """Add a base kind; it is asked before the ones registered earlier. Returns it."""
+    _KINDS.insert(0, kind)
+    return kind
+
+
+def kind_of(module: nn.Module) -> BaseKind | None:
+    """The base kind of `module`, or None when LoRA cannot wrap it."""
+    return next((k for k in _KINDS if k.matches(module)), None)
+
+
+def supported() -> str:
+    """The wrappable layer types, for error messages."""
+    return ", ".join(k.name for k in reversed(_KINDS))
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The dense weight of a wrappable base module, in its kind's layout (dequantized if quantized)."""
+    kind = kind_of(module)
+    if kind is None:
+        raise LorakitError(f"{type(module).__name__} is not a layer LoRA can wrap; supported: {supported()}")
+    return kind.weight(module)

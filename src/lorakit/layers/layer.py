@@ -1,0 +1,330 @@
+"""The LoRA layer: h = base(x) + s · B(A(dropout(x))), with merge and unmerge.
+
+One class wraps any base layer that has a registered base kind (bases.py: nn.Linear, GPT-2's Conv1D,
+nn.Embedding; bnb.py: bitsandbytes 4/8-bit) without changing it (composition). Per adapter name it
+holds A (r, in), B (out, r), the scaling s and a dropout; an adapter may carry a variant object
+(dora.py) that the layer calls for its output and its merge, and that owns its own caches. The layer
+does not choose kinds or variants: adapters/ does, above it.
+
+A batch whose rows use different adapters (mixed.py) hands the layer its per-call plan through a
+context variable (`using_row_plan`): each thread, and each asyncio task, sees only its own plan.
+
+Numerics follow PEFT (same formulas, same init RNG consumption), so with equal weights the outputs
+agree to float rounding. For speed the low-rank term is accumulated into the base output by one GEMM
+(addmm, in place outside autograd) instead of PEFT's separate product, scale and add; see
+_apply_adapter; training with one plain adapter goes through one autograd node per layer (fused.py).
+For nn.Embedding PEFT's convention holds: A (r, num_embeddings) is the zero-initialised factor and
+B (dim, r) the random one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import LorakitError
+from . import bases
+from .fused import lora_linear
+
+# The row plan of the mixed-adapter forward running in this context (mixed.RowPlan), or None.
+_ROW_PLAN: contextvars.ContextVar = contextvars.ContextVar("lorakit_row_plan", default=None)
+
+
+@contextlib.contextmanager
+def using_row_plan(plan):
+    """Within this block (this thread / task only), every LoraLayer forward adds its adapters' output
+    as `plan.apply(layer, x, result)` decides, row by row."""
+    token = _ROW_PLAN.set(plan)
+    try:
+        yield plan
+    finally:
+        _ROW_PLAN.reset(token)
+
+
+def current_row_plan():
+    return _ROW_PLAN.get()
+
+
+class Variant:
+    """What a LoRA variant (DoRA) changes for one adapter of one layer. The layer calls it; it keeps
+    its own state (caches, merge factors). Defaults are plain LoRA's behaviour."""
+
+    name = "lora"
+
+    def check(self, layer: "LoraLayer") -> None:
+        """Raise LorakitError if the variant cannot run on this layer (called before the adapter exists)."""
+
+    def added(self, layer: "LoraLayer", name: str) -> None:
+        """The adapter's A and B are initialised (in the base dtype, before any fp32 upcast)."""
+
+    def apply(self, layer: "LoraLayer", name: str, x: torch.Tensor, result: torch.Tensor, dropout: nn.Module,
+              owned: bool) -> tuple[torch.Tensor, bool]:
+        raise NotImplementedError
+
+    def merged_weight(self, layer: "LoraLayer", name: str, W: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def unmerged_weight(self, layer: "LoraLayer", name: str, W: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """The base weight changed (merge, unmerge, a new base): drop anything computed from it."""
+
+
+class LoraLayer(nn.Module):
+    """A frozen base layer plus any number of named low-rank adapters."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        kind = bases.kind_of(base_layer)
+        if kind is None:
+            raise LorakitError(f"cannot add LoRA to {type(base_layer).__name__}; supported: {bases.supported()}")
+        kind.prepare(base_layer)
+        self.base_layer = base_layer
+        self.base_kind = kind
+        self.kind = kind.family  # "linear" | "conv1d" | "embedding": the adapters' shape convention
+        self.in_features, self.out_features = kind.features(base_layer)
+        self.lora_A = nn.ParameterDict()  # name -> (r, in)
+        self.lora_B = nn.ParameterDict()  # name -> (out, r)
+        self.lora_magnitude_vector = nn.ParameterDict()  # a variant's per-row vector (DoRA: name -> (out,))
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.variants: dict[str, Variant] = {}  # adapters that are not plain LoRA
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self.generation = 0  # counts additions and deletions of adapters (what a router's stacks key on)
+
+    # -- adapters ------------------------------------------------------------------------------------
+
+    def add(self, name: str, r: int, scaling: float, dropout: float = 0.0, init: bool | str = True,
+            variant: Variant | None = None, upcast: bool = True) -> None:
+        """Create adapter `name`. RNG use mirrors PEFT so the same seed gives the same weights.
+
+        upcast: on a bf16/fp16 base, keep the adapter in fp32 (PEFT's autocast_adapter_dtype=True);
+        like PEFT, the values pass through the base dtype first, so both round identically.
+        """
+        if variant is not None:
+            variant.check(self)
+        dev, dtype = self._param_device_dtype()
+        A, B = torch.empty(r, self.in_features), torch.empty(self.out_features, r)
+        if self.kind == "embedding":  # PEFT: randn, then zeros(A) / normal(B)
+            A.normal_(), B.normal_()
+        else:  # PEFT: nn.Linear(in, r) and nn.Linear(r, out) draw their default init first
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5)), nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+        self.lora_A[name], self.lora_B[name] = nn.Parameter(A), nn.Parameter(B)
+        self.r[name], self.scaling[name] = r, scaling
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.generation += 1
+        if isinstance(init, str) and init.startswith("pissa"):
+            self._pissa_init(name, init)
+        elif init is not False:
+            self._reset(name, init)
+        self.lora_A[name].data = self.lora_A[name].data.to(dev, dtype)
+        self.lora_B[name].data = self.lora_B[name].data.to(dev, dtype)
+        if variant is not None:
+            self.variants[name] = variant
+            variant.added(self, name)
+        if upcast and dtype in (torch.float16, torch.bfloat16):
+            for store in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
+                if name in store:
+                    store[name].data = store[name].data.float()
+
+    def _reset(self, name: str, init: bool | str) -> None:
+        A, B = self.lora_A[name], self.lora_B[name]
+        if self.kind == "embedding":
+            nn.init.zeros_(A), nn.init.normal_(B)
+        elif init is True:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5)), nn.init.zeros_(B)
+        else:  # "gaussian": std 1/r, as PEFT
+            nn.init.normal_(A, std=1 / self.r[name]), nn.init.zeros_(B)
+
+    @torch.no_grad()
+    def _pissa_init(self, name: str, init: str) -> None:
+        """PiSSA: A, B from the top-r singular triplets of W; the base keeps the residual W - s·BA."""
+        if self.kind == "embedding":
+            raise LorakitError("init_lora_weights='pissa' is supported for linear layers only")
+        W = self.dense_weight().float()  # (out, in)
+        r, s = self.r[name], self.scaling[name]
+        if init == "pissa":
+            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+            U, S, Vh = U[:, :r], S[:r], Vh[:r]
+        else:
+            U, S, V = torch.svd_lowrank(W, q=r, niter=int(init.rsplit("_", 1)[1]))
+            Vh = V.T
+        S = S / s
+        self.lora_A[name].data = (torch.diag(S.sqrt()) @ Vh).contiguous()
+        self.lora_B[name].data = (U @ torch.diag(S.sqrt())).contiguous()
+        residual = W - s * self.lora_B[name] @ self.lora_A[name]
+        self._set_dense_weight(residual)
+
+    def delete(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise LorakitError(f"adapter {name!r} is merged; unmerge it before deleting")
+        for store in (self.lora_A, self.lora_B, self.lora_magnitude_vector, self.lora_dropout):
+            if name in store:  # ParameterDict.pop takes no default
+                del store[name]
+        for store in (self.r, self.scaling, self.variants):
+            store.pop(name, None)
+        self.generation += 1
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def replace_base(self, base_layer: nn.Module) -> None:
+        """Put another base layer of the same shape under the adapters (e.g. a dequantized copy)."""
+        kind = bases.kind_of(base_layer)
+        if kind is None or kind.features(base_layer) != (self.in_features, self.out_features):
+            raise LorakitError(f"replace_base: {type(base_layer).__name__} does not fit {self._label()}")
+        kind.prepare(base_layer)
+        self.base_layer, self.base_kind = base_layer, kind
+        for variant in self.variants.values():
+            variant.reset()
+
+    # -- the math --------------------------------------------------------------------------------------
+
+    def dense_weight(self) -> torch.Tensor:
+        """W0 as (out, in) for linear/conv1d, (num_embeddings, dim) for embedding."""
+        return self.base_kind.weight(self.base_layer)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s·B·A in the layout of dense_weight(); computed in fp32 on CPU for half-precision adapters."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        low_cpu = A.device.type == "cpu" and A.dtype in (torch.float16, torch.bfloat16)
+        if low_cpu:
+            A, B = A.float(), B.float()
+        delta = B @ A * self.scaling[name]  # (out, in)
+        if self.kind == "embedding":
+            delta = delta.T  # (num_embeddings, dim)
+        return delta.to(self.lora_A[name].dtype) if low_cpu else delta
+
+    def live_adapters(self) -> list[str]:
+        """The active adapters that run in forward: present in this layer and not merged."""
+        return [n for n in self.active_adapters if n not in self.merged_adapters and n in self.lora_A]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = self._fused_adapter(x, args, kwargs)
+        if name is not None:  # training fast path: base and adapter in one autograd node
+            A, B, b = self.lora_A[name], self.lora_B[name], self.base_layer.bias
+            return lora_linear(x, self.base_layer.weight, b, A, B, self.scaling[name])
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        plan = _ROW_PLAN.get()
+        if plan is not None:
+            return plan.apply(self, x, result)
+        out_dtype = result.dtype
+        # PEFT's bnb layers add fp32 adapter outputs in the base's dtype: cast_to for quantized bases
+        cast_to = out_dtype if self.base_kind.quantized else None
+        # May the adapters write into `result` in place? Only if nothing else can hold it: a plain
+        # nn.Linear without forward hooks returns a fresh tensor, and only outside autograd (in-place
+        # ops on a view of a graph tensor would cost a copy in backward).
+        owned = (not torch.is_grad_enabled() and type(self.base_layer) is nn.Linear
+                 and not self.base_layer._forward_hooks and not nn.modules.module._global_forward_hooks)
+        for name in self.live_adapters():
+            result, owned = self._apply_adapter(name, x, result, owned, cast_to)
+        return result.to(out_dtype)
+
+    def _fused_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
+        """The adapter to run through fused.lora_linear, or None for the general path.
+
+        Only the plain training case: grad on, a plain nn.Linear with a frozen weight and no hooks, one
+        active unmerged plain adapter without dropout, one dtype throughout, no autocast, no per-row
+        plan. Everything else (inference, quantized or hooked bases, several adapters, variants,
+        mixed precision) takes the general path, which gives the same values.
+        """
+        if not torch.is_grad_enabled() or self.disabled or args or kwargs or self.kind != "linear":
+            return None
+        base = self.base_layer
+        if (type(base) is not nn.Linear or base.weight.requires_grad or base._forward_hooks
+                or base._forward_pre_hooks or nn.modules.module._global_forward_hooks
+                or torch.is_autocast_enabled(x.device.type) or _ROW_PLAN.get() is not None):
+            return None
+        live = self.live_adapters()
+        if len(live) != 1 or live[0] in self.variants:
+            return None
+        name = live[0]
+        if not isinstance(self.lora_dropout[name], nn.Identity):
+            return None
+        return name if x.dtype == base.weight.dtype == self.lora_A[name].dtype == self.lora_B[name].dtype else None
+
+    def _apply_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor, owned: bool,
+                       cast_to: torch.dtype | None = None) -> tuple[torch.Tensor, bool]:
+        """result + what adapter `name` adds for input x; (new result, whether we own it).
+
+        Same value as PEFT's `result + B(A(dropout(x))) * s`, computed as one GEMM that accumulates into
+        the base output, result + s·(x·Aᵀ)·Bᵀ (addmm with alpha=s): no (tokens, out) temporaries for
+        B·A·x and s·B·A·x, and no (tokens, out) multiply by s in backward. In place when `owned`.
+        """
+        A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
+        if self.kind == "embedding":
+            after_A = self.embed(x, A.T)  # (..., r)
+            return result + (after_A @ B.T) * s, True
+        x = x.to(A.dtype)
+        dropout = self.lora_dropout[name]
+        if name in self.variants:
+            return self.variants[name].apply(self, name, x, result, dropout, owned)
+        after_A = F.linear(dropout(x), A)  # (..., r)
+        if not (result.dtype == after_A.dtype == B.dtype and result.is_contiguous()):  # fp32 adapters, bf16 base
+            delta = F.linear(after_A, B) * s
+            return result + (delta.to(cast_to) if cast_to is not None else delta), True
+        out2d, h2d = result.view(-1, self.out_features), after_A.reshape(-1, after_A.shape[-1])  # (N, out), (N, r)
+        if owned:
+            out2d.addmm_(h2d, B.T, alpha=s)
+            return result, True
+        return torch.addmm(out2d, h2d, B.T, alpha=s).view(result.shape), True
+
+    def embed(self, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """F.embedding of `ids` in `weight` with the base embedding's options (padding_idx, max_norm, ...)."""
+        b = self.base_layer
+        return F.embedding(ids, weight, padding_idx=b.padding_idx, max_norm=b.max_norm,
+                           norm_type=b.norm_type, scale_grad_by_freq=b.scale_grad_by_freq, sparse=b.sparse)
+
+    # -- merge -----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def merge(self, names: list[str] | None = None, safe: bool = False) -> None:
+        """Fold adapters into the base weight: W <- W + s·BA (a variant computes its own merged weight)."""
+        for name in names if names is not None else self.active_adapters:
+            if name in self.merged_adapters or name not in self.lora_A:
+                continue
+            W = self.dense_weight()
+            variant = self.variants.get(name)
+            new_W = variant.merged_weight(self, name, W) if variant else W + self.delta_weight(name).to(W.dtype)
+            if safe and not torch.isfinite(new_W).all():
+                raise LorakitError(f"merging adapter {name!r} would put NaN/Inf into {self._label()}; "
+                                   "the adapter weights are broken (check training for divergence)")
+            self._set_dense_weight(new_W)
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo merges in reverse order; restores W0 up to float rounding."""
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            W = self.dense_weight()
+            variant = self.variants.get(name)
+            self._set_dense_weight(variant.unmerged_weight(self, name, W) if variant
+                                   else W - self.delta_weight(name).to(W.dtype))
+
+    def _set_dense_weight(self, W: torch.Tensor) -> None:
+        self.base_kind.set_weight(self.base_layer, W)
+        for variant in self.variants.values():
+            variant.reset()
+
+    def _param_device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        W = self.base_layer.weight
+        fp_base = W.dtype.is_floating_point and not self.base_kind.quantized
+        dtype = W.dtype if fp_base else torch.float32  # quantized bases (any quant_storage): fp32 adapters
+        return W.device, dtype
+
+    def _label(self) -> str:
+        return f"{type(self.base_layer).__name__}({self.in_features}->{self.out_features})"
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(f"{n}: r={self.r[n]}, s={self.scaling[n]:g}" for n in self.lora_A)
+        return f"kind={self.kind}, adapters=[{adapters}], active={self.active_adapters}"

@@ -1,0 +1,268 @@
+"""Run configs: what one training run does, from defaults, then a YAML file, then --set overrides.
+
+A file holds one run (sections model, data, lora, train, output_dir) or several named runs under
+`runs:` (with an optional `defaults:` section they share), picked with --run NAME. These keys are a
+contract for docs and users' scripts: model, data.train, data.eval, lora.r, lora.alpha, lora.dropout,
+lora.target_modules, lora.variant, train.max_steps / train.epochs, train.batch_size, train.grad_accum,
+train.learning_rate, train.seed, output_dir. Unknown keys are errors with file:line and a suggestion.
+Config flows one way: this module builds plain dataclasses; library classes never read it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import LoraConfig
+from ..errors import LorakitError
+from ..models.quantize import QUANT_KINDS
+
+
+@dataclass
+class DataSection:
+    train: str | None = None  # JSONL / JSON / CSV / Parquet
+    eval: str | None = None
+    eval_fraction: float = 0.0  # held out from train when no eval file is given
+    max_length: int = 512  # tokens; longer examples are truncated (and counted)
+    pack: bool = False  # pack short examples into full rows (attention never crosses them)
+    train_on_prompt: bool = False  # False: loss on completion / assistant tokens only
+    on_error: str = "fail"  # bad lines: "fail" or "skip"
+
+
+@dataclass
+class LoraSection:
+    r: int = 16
+    alpha: float = 32
+    dropout: float = 0.0
+    target_modules: Any = "all-linear"  # list, regex, or "all-linear"
+    variant: str = "lora"  # lora | dora | lora_fa
+    rslora: bool = False
+    init: Any = True  # True | "gaussian" | "pissa"
+    quantize: str = "none"  # none | nf4 | fp4 | int8 (QLoRA)
+    modules_to_save: list | None = None
+
+
+@dataclass
+class TrainSection:
+    max_steps: int | None = None  # optimizer steps; wins over epochs
+    epochs: float | None = None  # default 1 when max_steps is not given
+    batch_size: int = 8  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    learning_rate: float = 2e-4
+    lora_plus_ratio: float | None = None  # LoRA+: B's learning rate = learning_rate * ratio
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # clip; 0 disables
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    seed: int = 0
+    precision: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16 | fp16
+    gradient_checkpointing: bool = False  # recompute each decoder layer in backward: less memory, ~40% more time
+    compile: bool = False  # torch.compile each decoder layer (first step compiles; pays on long runs)
+    group_by_length: bool = True
+    flat_batches: bool = True  # a batch's examples end to end in one row: no padding computed
+    eval_every: int = 0  # steps; 0 = only at the end
+    early_stopping_patience: int = 0  # evals without improvement before stopping; 0 = off
+    save_every: int = 0  # steps between checkpoints; 0 = only at the end / on interrupt
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    device: str = "auto"
+
+
+@dataclass
+class RunConfig:
+    model: str = "smollm2-135m-instruct"
+    output_dir: str = "runs/default"
+    name: str = "default"
+    data: DataSection = field(default_factory=DataSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads 1e-3 as a string; users mean a float (a learning rate), so read it as one."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+"
+               r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+SECTIONS = {"data": DataSection, "lora": LoraSection, "train": TrainSection}
+TOP_KEYS = {"model", "output_dir", "name"} | set(SECTIONS)
+VARIANTS = ("lora", "dora", "lora_fa")
+
+
+def load_run(path: str | Path | None = None, run: str | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Defaults < file (one run, or the named run) < overrides ("section.key=value")."""
+    raw, lines, source = {}, {}, "defaults"
+    if path is not None:
+        raw, lines = _read_yaml(Path(path))
+        source = str(path)
+        raw, lines = _pick_run(raw, lines, run, source)
+    elif run is not None:
+        raise LorakitError("--run needs a config file that defines named runs")
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(raw, key, value)
+        lines[key] = f"--set {item}"
+    cfg = _build(raw, lines, source)
+    if run:
+        cfg.name = run
+    return cfg
+
+
+def _read_yaml(path: Path) -> tuple[dict, dict]:
+    if not path.is_file():
+        raise LorakitError(f"config file {str(path)!r} not found")
+    text = path.read_text()
+    try:
+        node = yaml.compose(text, Loader=_Loader)
+        data = _yaml(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise LorakitError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise LorakitError(f"{path}: the top level must be a mapping of sections (model, data, lora, train)")
+    return data, _key_lines(node, "", path)
+
+
+def _key_lines(node, prefix: str, path: Path) -> dict[str, str]:
+    """'lora.r' -> 'file.yaml:7' for every key, from the YAML node tree."""
+    out = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            out[key] = f"{path}:{key_node.start_mark.line + 1}"
+            out.update(_key_lines(value_node, key + ".", path))
+    return out
+
+
+def _pick_run(raw: dict, lines: dict, run: str | None, source: str) -> tuple[dict, dict]:
+    if "runs" not in raw:
+        if run is not None:
+            raise LorakitError(f"{source} defines a single run (no 'runs:' section); drop --run {run}")
+        return raw, lines
+    runs = raw.get("runs") or {}
+    if run is None:
+        raise LorakitError(f"{source} defines several runs; pick one with --run NAME: {sorted(runs)}")
+    if run not in runs:
+        close = difflib.get_close_matches(run, list(runs), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise LorakitError(f"{source}: no run named {run!r}{hint} Runs: {sorted(runs)}")
+    merged = _deep_merge(raw.get("defaults") or {}, runs[run] or {})
+    line_map = {k.split(".", 1)[1]: v for k, v in lines.items() if k.startswith("defaults.")}
+    line_map.update({k.split(".", 2)[2]: v for k, v in lines.items() if k.startswith(f"runs.{run}.")})
+    return merged, line_map
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise LorakitError(f"--set {item!r}: expected section.key=value, e.g. --set train.max_steps=100")
+    key, value = item.split("=", 1)
+    try:
+        return key.strip(), _yaml(value)
+    except yaml.YAMLError:
+        return key.strip(), value
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise LorakitError(f"--set {key}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def _build(raw: dict, lines: dict, source: str) -> RunConfig:
+    problems = []
+    where = lambda key: lines.get(key, source)  # noqa: E731
+    for key in raw:
+        if key not in TOP_KEYS:
+            problems.append(f"{where(key)}: {_unknown(key, TOP_KEYS)}")
+    sections = {}
+    for name, cls in SECTIONS.items():
+        values = raw.get(name) or {}
+        if not isinstance(values, dict):
+            problems.append(f"{where(name)}: '{name}' must be a mapping of keys")
+            continue
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                problems.append(f"{where(f'{name}.{key}')}: {_unknown(f'{name}.{key}', {f'{name}.{k}' for k in known})}")
+        sections[name] = cls(**{k: v for k, v in values.items() if k in known})
+    top = {k: raw[k] for k in ("model", "output_dir", "name") if k in raw}
+    cfg = RunConfig(**top, **sections)
+    problems += [f"{where(k)}: {msg}" for k, msg in _value_problems(cfg)]
+    LorakitError.collect(problems, f"Invalid run config ({source}):")
+    return cfg
+
+
+def _unknown(key: str, known) -> str:
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    return f"unknown key {key!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+
+
+def _value_problems(cfg: RunConfig) -> list[tuple[str, str]]:
+    p, t, d, lo = [], cfg.train, cfg.data, cfg.lora
+    if not d.train:
+        p.append(("data.train", "data.train is required: a JSONL file of training examples"))
+    if lo.variant not in VARIANTS:
+        p.append(("lora.variant", f"lora.variant must be one of {VARIANTS} (got {lo.variant!r})"))
+    if lo.quantize not in QUANT_KINDS:
+        p.append(("lora.quantize", f"lora.quantize must be one of {list(QUANT_KINDS)} (got {lo.quantize!r})"))
+    for key, value, low in (("train.batch_size", t.batch_size, 1), ("train.grad_accum", t.grad_accum, 1),
+                            ("data.max_length", d.max_length, 8), ("train.log_every", t.log_every, 1)):
+        if not isinstance(value, int) or value < low:
+            p.append((key, f"{key} must be an integer >= {low} (got {value!r})"))
+    if t.max_steps is not None and (not isinstance(t.max_steps, int) or t.max_steps < 1):
+        p.append(("train.max_steps", f"train.max_steps must be a positive integer (got {t.max_steps!r})"))
+    if t.epochs is not None and (not isinstance(t.epochs, (int, float)) or t.epochs <= 0):
+        p.append(("train.epochs", f"train.epochs must be > 0 (got {t.epochs!r})"))
+    if not isinstance(t.learning_rate, (int, float)) or t.learning_rate <= 0:
+        p.append(("train.learning_rate", f"train.learning_rate must be > 0 (got {t.learning_rate!r})"))
+    if t.schedule not in ("cosine", "linear", "constant"):
+        p.append(("train.schedule", f"train.schedule must be cosine, linear or constant (got {t.schedule!r})"))
+    if t.precision not in ("auto", "fp32", "bf16", "fp16"):
+        p.append(("train.precision", f"train.precision must be auto, fp32, bf16 or fp16 (got {t.precision!r})"))
+    if d.on_error not in ("fail", "skip"):
+        p.append(("data.on_error", f"data.on_error must be 'fail' or 'skip' (got {d.on_error!r})"))
+    if not 0 <= d.eval_fraction < 1:
+        p.append(("data.eval_fraction", f"data.eval_fraction must be in [0, 1) (got {d.eval_fraction!r})"))
+    return p
+
+
+def lora_config(cfg: RunConfig, base_model_name: str | None = None):
+    """The library's LoraConfig for this run (the one place run keys map to PEFT field names)."""
+    lo = cfg.lora
+    return LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules,
+                      use_dora=lo.variant == "dora", lora_fa=lo.variant == "lora_fa", use_rslora=lo.rslora,
+                      init_lora_weights=lo.init, modules_to_save=lo.modules_to_save, task_type="CAUSAL_LM",
+                      base_model_name_or_path=base_model_name or cfg.model)

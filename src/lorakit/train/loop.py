@@ -1,0 +1,154 @@
+"""The training loop: it takes built objects (a model, an optimizer, a scheduler, micro-batches) and
+calls hooks; it loads nothing and decides nothing about files. recipe.py builds what it takes.
+
+    per optimizer step: accumulate grad_accum micro-batches (every loss token weighs the same) ->
+    check the loss -> clip -> optimizer and scheduler step -> hooks (log, evaluate, checkpoint) ->
+    stop when the steps are done, a hook says so, or a stop was requested (Ctrl-C / SIGTERM)
+
+Hooks see the TrainState (what a checkpoint must hold to continue exactly) and the Step just taken.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..data import batching
+from ..errors import LorakitError
+from ..eval.losses import token_loss_sum
+from ..layers import recompute
+from ..models import attention
+from .state import TrainState
+
+
+class NonFiniteLoss(LorakitError):
+    pass
+
+
+@dataclass
+class Step:
+    """What one optimizer step did."""
+
+    step: int  # optimizer steps done, this one included
+    loss: float  # mean loss per labelled token over the step's micro-batches
+    grad_norm: float  # before clipping
+    lr: float  # the learning rate after the step (first parameter group): what the next step uses
+    tokens: int  # real tokens in the step's micro-batches
+    seconds: float
+
+
+class Hook:
+    """Called by the loop; every method is optional. after_step may return a reason to stop."""
+
+    def after_step(self, state: TrainState, step: Step) -> str | None:
+        return None
+
+    def on_stop(self, state: TrainState, reason: str) -> None:
+        """The loop ends for `reason` ("done" | a hook's reason | "interrupted")."""
+
+
+def micro_batches(dataset, batch_size: int, seed: int, state: TrainState, group_by_length: bool,
+                  mask_dtype: torch.dtype, flat: bool) -> Iterator[tuple[dict, int]]:
+    """Endless (micro-batch, real tokens in it) across epochs, from the state's data position (for
+    resume); `flat`: one unpadded row per micro-batch (batching.collate(flat=True),
+    attention.flat_attention). The tokens are the examples' (or packed rows') lengths: a padded
+    batch of packed rows cannot tell its pad tail from an example by its 4-D mask."""
+    while True:
+        for examples in batching.batch_examples(dataset, batch_size, seed, state.epoch, state.micro,
+                                                group_by_length):
+            state.micro += 1
+            yield (batching.collate(examples, dataset.pad_id, mask_dtype, flat),
+                   sum(len(e["input_ids"]) for e in examples))
+        state.epoch, state.micro = state.epoch + 1, 0
+
+
+def run(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, micro: Iterator[tuple[dict, int]], *,
+        steps: int, state: TrainState, grad_accum: int = 1, device: torch.device | None = None,
+        autocast_dtype: torch.dtype | None = None, max_grad_norm: float = 1.0, lean: bool = True,
+        hooks: list[Hook] = (), stop_requested=lambda: False) -> str:
+    """Train until state.step == steps; returns why it stopped ("done", a hook's reason, "interrupted").
+
+    lean: store activations that backward can rebuild as recipes (recompute.rebuilt_activations; off
+    for compiled layers). Raises NonFiniteLoss before an optimizer step whose loss is not finite.
+    """
+    device = device or next(model.parameters()).device
+    model.train()
+    while state.step < steps:
+        started = time.time()
+        # -- forward and backward over the micro-batches -------------------------------------------------
+        loss, tokens = accumulate(model, micro, grad_accum, device, autocast_dtype, lean)
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(f"loss became {loss} at step {state.step + 1}")
+        # -- the update ----------------------------------------------------------------------------------
+        grad_norm = clip(model, max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step, state.tokens = state.step + 1, state.tokens + tokens
+        step = Step(state.step, loss, grad_norm, scheduler.get_last_lr()[0], tokens, time.time() - started)
+        # -- hooks: log, evaluate, checkpoint --------------------------------------------------------------
+        reasons = [r for r in (h.after_step(state, step) for h in hooks) if r]
+        if reasons or stop_requested():
+            reason = reasons[0] if reasons else "interrupted"
+            for h in hooks:
+                h.on_stop(state, reason)
+            return reason
+    return "done"
+
+
+def accumulate(model: nn.Module, micro, grad_accum: int, device, autocast_dtype, lean: bool = True) -> tuple[float, int]:
+    """Forward/backward over grad_accum micro-batches; every loss token weighs the same. Returns (mean loss
+    per labelled token, real tokens)."""
+    batches, tokens = [], 0
+    for batch, n_tokens in (next(micro) for _ in range(grad_accum)):
+        batches.append(batching.to_device(batch, device))
+        tokens += n_tokens
+    n_total = sum(int((b["labels"][:, 1:] != batching.IGNORE_INDEX).sum()) for b in batches)
+    loss_total = 0.0
+    for batch in batches:
+        # a flat batch's attention holds over backward too: checkpointed layers run forward again there
+        with attention.for_batch(model, batch):
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None), \
+                    (recompute.rebuilt_activations() if lean else contextlib.nullcontext()):
+                loss_sum, _ = token_loss_sum(model, batch)
+            (loss_sum / max(n_total, 1)).backward()
+        loss_total += float(loss_sum.detach())
+    return loss_total / max(n_total, 1), tokens
+
+
+def clip(model: nn.Module, max_norm: float) -> float:
+    """Clip the trainable gradients to max_norm (0: no clipping); returns their norm before clipping."""
+    params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+    if not max_norm:
+        return float(torch.norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+class Signals:
+    """Ctrl-C / SIGTERM ask the loop to stop after this step (`requested`); a second Ctrl-C aborts."""
+
+    def __enter__(self):
+        self.requested = False
+        self._old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in self._old:
+            signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\nlorakit: {signal.Signals(signum).name} received: saving a checkpoint after this step "
+              "(Ctrl-C again to abort)", flush=True)
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+        return False

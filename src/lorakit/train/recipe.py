@@ -1,0 +1,205 @@
+"""The recipe: build everything a run trains with from a RunConfig, then run the loop with its hooks.
+
+    build(cfg)  -> Recipe: device and precision, the model with its adapter (quantized base, fp32
+                   adapters, checkpointing, compile), the datasets, the optimizer and schedule
+    train(cfg)  build, resume, run loop.run with the logbook / evaluation / checkpoint hooks, then
+                finish: the adapter in PEFT format at the top of output_dir, run.yaml, loss.png
+
+Everything a run needs to continue exactly is in a checkpoint (state.py): adapter tensors, optimizer
+and scheduler state, RNG states and the data position; Ctrl-C or SIGTERM finishes the current step,
+writes one, and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..adapters import files, manage
+from ..atomic import atomic_write
+from ..data import load_records, prepare, split_eval
+from ..data.dataset import TokenizedDataset
+from ..errors import LorakitError
+from ..models import attention
+from . import loop
+from .config import RunConfig, TrainSection, lora_config
+from .hooks import CheckpointHook, EvalHook, LogHook
+from .logbook import MetricsLog, plot_curves
+from .optim import build_optimizer, build_scheduler
+from .state import TrainState, latest_checkpoint, load_training_checkpoint
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    stopped: str  # "done" | "early_stop" | "interrupted"
+    train_loss: float
+    eval_loss: float | None
+    seconds: float
+    tokens: int
+
+
+@dataclass
+class Recipe:
+    """The built objects of a run: what loop.run takes, plus what the hooks need."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    train_data: TokenizedDataset
+    eval_data: TokenizedDataset | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    total_steps: int
+    flat: bool  # flat batches (models/attention.py) for this model
+
+
+def build(cfg: RunConfig, model=None, tokenizer=None) -> Recipe:
+    """Everything the run trains with; `model`/`tokenizer` given: used instead of loading cfg.model."""
+    t = cfg.train
+    device, autocast_dtype = device_and_precision(t)
+    seed_everything(t.seed)
+    if model is None:
+        from ..models.load import load_model
+        model, tokenizer = load_model(cfg.model, dtype=torch.float32 if device.type == "cpu" else None,
+                                      device=device, **_quant_kwargs(cfg))
+    manage.add_adapter(model, lora_config(cfg))
+    _adapters_to_fp32(model)
+    if t.gradient_checkpointing:
+        from ..models.speed import enable_checkpointing
+        enable_checkpointing(model)
+    if t.compile:
+        from ..models.speed import compile_layers
+        compile_layers(model)
+    train_ds, eval_ds = datasets(cfg, tokenizer)
+    micro_per_epoch = math.ceil(len(train_ds) / t.batch_size)
+    total_steps = t.max_steps or max(1, math.ceil((t.epochs or 1) * micro_per_epoch / t.grad_accum))
+    optimizer = build_optimizer(model, t.learning_rate, t.weight_decay, t.lora_plus_ratio)
+    scheduler = build_scheduler(optimizer, t.warmup_steps, total_steps, t.schedule)
+    flat = t.flat_batches and attention.supports(model)
+    return Recipe(model, tokenizer, train_ds, eval_ds, optimizer, scheduler, device, autocast_dtype,
+                  total_steps, flat)
+
+
+def train(cfg: RunConfig, resume: bool = False, progress: bool = True, model=None, tokenizer=None) -> TrainResult:
+    """Train one LoRA adapter as `cfg` says; returns where it went and how it ended."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t = cfg.train
+    r = build(cfg, model, tokenizer)
+    state = TrainState()
+    if resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            raise LorakitError(f"--resume: no checkpoint in {out / 'checkpoints'}; start without --resume")
+        state = load_training_checkpoint(ckpt, r.model, r.optimizer, r.scheduler)
+    log = MetricsLog(out / "metrics.jsonl", truncate_after_step=state.step if resume else None)
+    _say(progress, f"lorakit: {manage.trainable_report(r.model)}")
+    _say(progress, f"lorakit: train {r.train_data.stats.summary()}"
+         + (f"; eval {r.eval_data.stats.summary()}" if r.eval_data else ""))
+    logging = LogHook(log, r.total_steps, t.log_every, progress, initial=state.step)
+    evaluation = EvalHook(r.model, r.eval_data, log, out, t.eval_every, t.batch_size,
+                          t.early_stopping_patience) if r.eval_data is not None else None
+    checkpoints = CheckpointHook(out, r.model, r.optimizer, r.scheduler, t.save_every, t.keep_checkpoints)
+    micro = loop.micro_batches(r.train_data, t.batch_size, t.seed, state, t.group_by_length,
+                               _float_dtype(r.model), r.flat)
+    started = time.time()
+    try:
+        with loop.Signals() as signals:
+            stopped = loop.run(r.model, r.optimizer, r.scheduler, micro, steps=r.total_steps, state=state,
+                               grad_accum=t.grad_accum, device=r.device, autocast_dtype=r.autocast_dtype,
+                               max_grad_norm=t.max_grad_norm, lean=not t.compile,
+                               hooks=[h for h in (logging, evaluation, checkpoints) if h is not None],
+                               stop_requested=lambda: signals.requested)
+    except loop.NonFiniteLoss as e:
+        checkpoints.save(state, tag="nan")
+        raise loop.NonFiniteLoss(f"{e}: training stopped and the last good checkpoint is in "
+                                 f"{out / 'checkpoints'}; lower train.learning_rate (now {t.learning_rate}) "
+                                 "or set train.max_grad_norm, then --resume") from None
+    finally:
+        logging.close()
+    # -- finish --------------------------------------------------------------------------------------
+    eval_loss = evaluation.last if evaluation is not None else None
+    if evaluation is not None and stopped != "interrupted" and (not t.eval_every or state.step % t.eval_every):
+        eval_loss = evaluation.evaluate(state)
+    log.close()
+    _finish(r.model, cfg, out, use_best=evaluation is not None and stopped != "interrupted")
+    seconds = time.time() - started
+    _say(progress, f"lorakit: {stopped} after {state.step} steps in {seconds:.0f} s; adapter in {out}")
+    return TrainResult(out, state.step, stopped, logging.last_loss, eval_loss, seconds, state.tokens)
+
+
+# -- building blocks --------------------------------------------------------------------------------
+
+def device_and_precision(t: TrainSection) -> tuple[torch.device, torch.dtype | None]:
+    """The device, and the autocast dtype (None: no autocast, fp32)."""
+    name = t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if t.precision == "fp32" or (t.precision == "auto" and device.type == "cpu"):
+        return device, None  # fp32 on CPU: fast there, and bf16 is slow
+    if t.precision == "fp16":
+        return device, torch.float16
+    return device, torch.bfloat16
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _quant_kwargs(cfg: RunConfig) -> dict:
+    if cfg.lora.quantize == "none":
+        return {}
+    from ..models.quantize import quantization_config
+    return {"quantization_config": quantization_config(cfg.lora.quantize)}
+
+
+def _adapters_to_fp32(model) -> None:
+    """Adapters train in fp32 even on a bf16 or quantized base (as PEFT's autocast_adapter_dtype)."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
+
+
+def datasets(cfg: RunConfig, tokenizer) -> tuple[TokenizedDataset, TokenizedDataset | None]:
+    """The run's train and eval datasets, encoded (eval held out from train when data.eval_fraction)."""
+    d = cfg.data
+    train_records = load_records(d.train, on_error=d.on_error)
+    eval_records = load_records(d.eval, on_error=d.on_error) if d.eval else None
+    if eval_records is None and d.eval_fraction:
+        train_records, eval_records = split_eval(train_records, d.eval_fraction, cfg.train.seed)
+    prep = dict(tokenizer=tokenizer, max_length=d.max_length, train_on_prompt=d.train_on_prompt)
+    train_ds = prepare(train_records, pack=d.pack, **prep)
+    eval_ds = prepare(eval_records, pack=False, **prep) if eval_records else None
+    return train_ds, eval_ds
+
+
+def _float_dtype(model) -> torch.dtype:
+    """The model's compute dtype (packed rows' attention masks must match it on CUDA)."""
+    return next((p.dtype for p in model.parameters() if p.dtype.is_floating_point and not p.requires_grad),
+                torch.float32)
+
+
+def _finish(model, cfg: RunConfig, out: Path, use_best: bool) -> None:
+    """The final adapter at the top of output_dir (the best one by eval loss when evaluated)."""
+    best = out / "best"
+    if use_best and (best / files.WEIGHTS_NAME).exists():
+        for name in (files.WEIGHTS_NAME, "adapter_config.json"):
+            data_bytes = (best / name).read_bytes()
+            atomic_write(out / name, lambda p, b=data_bytes: Path(p).write_bytes(b))
+    else:
+        files.save_adapter(model, out)
+    cfg.save(out / "run.yaml")
+    plot_curves(out / "metrics.jsonl", out / "loss.png", title=f"lorakit: {cfg.name} ({cfg.model})")
+
+
+def _say(enabled: bool, text: str) -> None:
+    if enabled:
+        print(text, flush=True)

@@ -1,0 +1,169 @@
+"""Mixed-adapter batches (layers/mixed.py, adapters/rows.py): every row equals that row run alone with its adapter, and PEFT.
+
+Both ways of adding the low-rank part are checked: the stacked path (default) and the segment
+fallback (forced here by patching mixed.can_stack), on Linear, Conv1D and Embedding layers, with
+adapters of different ranks and scalings, adapters that skip some layers, and "__base__" rows.
+"""
+
+import contextlib
+
+import pytest
+import torch
+
+import lorakit
+from lorakit import LoraConfig, LorakitError, adapter_rows
+from lorakit.layers import mixed
+from conftest import logits, tiny_gpt2, tiny_llama
+
+MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+TARGETS = {"llama": ["q_proj", "v_proj", "down_proj", "embed_tokens"], "gpt2": ["c_attn", "c_fc", "wte"]}
+NAMES = ["a", "b", "__base__", "c", "a", "b"]
+
+
+def with_adapters(kind="llama"):
+    """a: r=4; b: r=2 with rsLoRA; c: r=8 on the first target only (absent from the other layers)."""
+    model = MODELS[kind]()
+    for seed, (name, r, rs, targets) in enumerate([("a", 4, False, TARGETS[kind]), ("b", 2, True, TARGETS[kind]),
+                                                   ("c", 8, False, TARGETS[kind][:1])]):
+        torch.manual_seed(20 + seed)
+        cfg = LoraConfig(r=r, lora_alpha=r + 3, use_rslora=rs, target_modules=targets, init_lora_weights=False)
+        lorakit.add_adapter(model, cfg, name)
+    return model
+
+
+def row_alone(model, name, row_ids, **kw):
+    if name == "__base__":
+        with lorakit.disable_adapters(model):
+            return logits(model, row_ids, **kw)
+    lorakit.set_adapter(model, name)
+    return logits(model, row_ids, **kw)
+
+
+@pytest.fixture(params=["stacked", "segments"])
+def path(request, monkeypatch):
+    if request.param == "segments":
+        monkeypatch.setattr(mixed, "can_stack", lambda layer, present: False)
+    return request.param
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_mixed_batch_equals_each_row_alone(kind, path):
+    model = with_adapters(kind)
+    ids = torch.randint(0, 96, (len(NAMES), 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), adapter_rows(model, NAMES):
+        mixed = model(input_ids=ids).logits
+        again = model(input_ids=ids).logits  # cached stack / gathered factors
+    for i, name in enumerate(NAMES):
+        alone = row_alone(model, name, ids[i:i + 1])
+        torch.testing.assert_close(mixed[i:i + 1], alone, atol=1e-5, rtol=0, msg=f"row {i} ({name})")
+        torch.testing.assert_close(again[i:i + 1], alone, atol=1e-5, rtol=0)
+
+
+def test_greedy_generate_equals_per_row_generation(path, tmp_path):
+    """PeftModel.generate(adapter_names=...) with left padding and the KV cache, vs one row at a time."""
+    for n in "abc":
+        lorakit.save_adapter(with_adapters("llama"), tmp_path / n, n)
+    wrapped = lorakit.PeftModel.from_pretrained(tiny_llama(), tmp_path / "a", adapter_name="a")
+    for n in "bc":
+        wrapped.load_adapter(tmp_path / n, adapter_name=n)
+    base = wrapped.get_base_model()
+    ids = torch.randint(1, 96, (4, 8), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    for i, pad in enumerate([0, 3, 1, 5]):  # left padding
+        ids[i, :pad], mask[i, :pad] = 0, 0
+    names = ["b", "a", "__base__", "c"]
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        mixed = wrapped.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **kw)
+        for i, name in enumerate(names):  # one row at a time, the plain (non-routed) forward
+            if name != "__base__":
+                lorakit.set_adapter(base, name)
+            with lorakit.disable_adapters(base) if name == "__base__" else contextlib.nullcontext():
+                alone = base.generate(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1], **kw)
+            assert torch.equal(mixed[i:i + 1], alone), f"row {i} ({name})"
+
+
+def test_mixed_batch_equals_peft_adapter_names(tmp_path):
+    import peft
+
+    model = with_adapters("llama")
+    for n in "abc":
+        lorakit.save_adapter(model, tmp_path / n, n)
+    pm = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "a", adapter_name="a")
+    for n in "bc":
+        pm.load_adapter(tmp_path / n, adapter_name=n)
+    ids = torch.randint(0, 96, (len(NAMES), 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), adapter_rows(model, NAMES):
+        ours = model(input_ids=ids).logits
+    theirs = logits(pm, ids, adapter_names=NAMES)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_stack_follows_weight_changes_and_new_adapters():
+    model = with_adapters("llama")
+    ids = torch.randint(0, 96, (3, 5), generator=torch.Generator().manual_seed(4))
+    names = ["a", "b", "a"]
+    with torch.no_grad(), adapter_rows(model, names):
+        before = model(input_ids=ids).logits
+    with torch.no_grad():
+        for _, layer in lorakit.lora_layers(model):
+            layer.lora_B["a"].mul_(2.0)  # in place: the version counter moves
+    with torch.no_grad(), adapter_rows(model, names):
+        after = model(input_ids=ids).logits
+    assert not torch.allclose(before[0], after[0], atol=1e-4) and torch.allclose(before[1], after[1], atol=1e-6)
+    torch.testing.assert_close(after[0:1], row_alone(model, "a", ids[0:1]), atol=1e-5, rtol=0)
+    torch.manual_seed(5)
+    lorakit.add_adapter(model, LoraConfig(r=3, target_modules=["k_proj", "q_proj"], init_lora_weights=False), "d")
+    lorakit.delete_adapter(model, "b")
+    with torch.no_grad(), adapter_rows(model, ["d", "a", "d"]):
+        mixed = model(input_ids=ids).logits
+    torch.testing.assert_close(mixed[0:1], row_alone(model, "d", ids[0:1]), atol=1e-5, rtol=0)
+
+
+def test_gradients_flow_through_mixed_batches():
+    """With trainable adapters the segment path runs; gradients equal those of the rows run alone."""
+    model = with_adapters("llama")
+    lorakit.set_adapter(model, ["a", "b"])  # both trainable
+    ids = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(6))
+    with adapter_rows(model, ["a", "b"]):
+        model(input_ids=ids, labels=ids).logits.sum().backward()
+    layer = model.model.layers[0].self_attn.q_proj
+    mixed = {n: layer.lora_B[n].grad.clone() for n in "ab"}
+    model.zero_grad()
+    for i, n in enumerate("ab"):
+        lorakit.set_adapter(model, n)
+        model(input_ids=ids[i:i + 1]).logits.sum().backward()
+        torch.testing.assert_close(layer.lora_B[n].grad, mixed[n], atol=1e-5, rtol=1e-5)
+
+
+# -- errors ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("names, match", [
+    (["a", "nope"], "unknown adapter"),
+    ([], "non-empty list"),
+    ("a", "non-empty list"),
+])
+def test_bad_names(names, match):
+    with pytest.raises(LorakitError, match=match):
+        with adapter_rows(with_adapters("llama"), names):
+            pass
+
+
+def test_length_mismatch():
+    model = with_adapters("llama")
+    with pytest.raises(LorakitError, match="3 entries but the batch has 2 rows"):
+        with adapter_rows(model, ["a", "b", "a"]):
+            model(input_ids=torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_dora_and_merged_adapters_are_refused():
+    model = with_adapters("llama")
+    lorakit.add_adapter(model, LoraConfig(r=2, target_modules=["q_proj"], use_dora=True), "dora")
+    with pytest.raises(LorakitError, match="DoRA"):
+        with adapter_rows(model, ["a", "dora"]):
+            pass
+    lorakit.set_adapter(model, "a")
+    lorakit.merge(model)
+    with pytest.raises(LorakitError, match="unmerge"):
+        with adapter_rows(model, ["a", "b"]):
+            pass
