@@ -33,6 +33,15 @@ def tiny_bert(seed: int = 0):
 
 
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
+ADAPTER_TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"], "bert": ["query", "value"]}
+
+
+def model_with_adapter(kind, init=True, **kw):
+    """A tiny model of `kind` with one adapter (r=4, alpha=8) on a few of its linear layers."""
+    import lorakit
+    model = MODELS[kind]()
+    cfg = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=ADAPTER_TARGETS[kind], init_lora_weights=init, **kw)
+    return lorakit.add_adapter(model, cfg)
 
 
 def logits(model, ids, **kw):

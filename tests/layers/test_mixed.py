@@ -136,6 +136,62 @@ def test_gradients_flow_through_mixed_batches():
         torch.testing.assert_close(layer.lora_B[n].grad, mixed[n], atol=1e-5, rtol=1e-5)
 
 
+def test_two_threads_with_different_row_plans_on_one_model():
+    """The row plan is per call: two threads running mixed batches of different plans (and batch sizes)
+    on one model at once each get the logits of their rows run alone. A barrier in the first decoder
+    layer holds both forwards half-way, so each runs its later layers while the other's plan is set."""
+    import threading
+    model = with_adapters("llama")
+    gen = torch.Generator().manual_seed(11)
+    jobs = {0: (["a", "b", "__base__"], torch.randint(0, 96, (3, 6), generator=gen)),
+            1: (["c", "a"], torch.randint(0, 96, (2, 9), generator=gen))}
+    expected = {k: torch.cat([row_alone(model, n, ids[i:i + 1]) for i, n in enumerate(names)])
+                for k, (names, ids) in jobs.items()}
+    barrier = threading.Barrier(2, timeout=60)
+    hook = model.model.layers[0].register_forward_hook(lambda *args: (barrier.wait(), None)[1])
+    results, errors = {}, []
+
+    def run(k):
+        names, ids = jobs[k]
+        try:
+            with torch.no_grad(), adapter_rows(model, names):
+                results[k] = [model(input_ids=ids).logits for _ in range(3)]
+        except Exception as e:  # noqa: BLE001 - re-raised below, in the test's thread
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    hook.remove()
+    assert not errors, errors
+    for k in jobs:
+        for got in results[k]:
+            torch.testing.assert_close(got, expected[k], atol=1e-5, rtol=0)
+
+
+def test_stack_follows_training_with_a_fused_optimizer():
+    """torch's fused AdamW changes weights without moving their version counters: a stack of trainable
+    adapters must not be reused from before the step."""
+    model = with_adapters("llama")  # "c" is the active, trainable adapter
+    ids = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(12))
+    names = ["c", "a"]
+    with torch.no_grad(), adapter_rows(model, names):
+        before = model(input_ids=ids).logits
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, fused=True)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad(), adapter_rows(model, names):
+        after = model(input_ids=ids).logits
+    assert not torch.allclose(before[0:1], after[0:1], atol=1e-4)
+    torch.testing.assert_close(after[0:1], row_alone(model, "c", ids[0:1]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(after[1:2], row_alone(model, "a", ids[1:2]), atol=1e-5, rtol=0)
+
+
 # -- errors ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("names, match", [

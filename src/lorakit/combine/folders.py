@@ -3,7 +3,7 @@
     report = combine_adapter_dirs(["out/a", "out/b"], [0.7, 0.3], "linear", 16, "out/ab")
     # CLI: lorakit combine out/a out/b --weights 0.7 0.3 --method linear --rank 16 --out out/ab
 
-A LoRA adapter's ΔW = s·B·A needs only its own tensors and config (checkpoint.read_adapter), so the
+A LoRA adapter's ΔW = s·B·A needs only its own tensors and config (adapters.files.read_adapter), so the
 math of combine.py runs on the files alone and the result is written in PEFT's format (loadable by
 lorakit and by peft.PeftModel.from_pretrained). DoRA adapters are the exception: their effective
 delta depends on the base weight W0, so they need `base_model` (the transformers model, or a model

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from torch import nn
 
 from ..config import LoraConfig, lora_scaling
 from .arithmetic import Factors, canonical, combine, combine_dense, dora_effective_delta, option_problems

@@ -15,7 +15,7 @@ bf16/fp16 model and a float32 mask gives NaN or wrong logits; a bool mask is rig
 sdpa but eager adds it as 0/1. So pass mask_dtype=model.dtype.
 
 The trainer's default is neither: collate(flat=True) lays a batch's examples (or packed rows)
-end to end in one unpadded row with their bounds as cu_seq_lens (attention.py), so no padding
+end to end in one unpadded row with their bounds as cu_seq_lens (models/attention.py), so no padding
 and no (T, T) mask is computed.
 
 Public: pack, collate, batches, batch_examples, batch_order, block_causal_mask, to_device, IGNORE_INDEX.
@@ -133,7 +133,7 @@ def _flat(examples: Sequence[dict]) -> dict:
     with no padding, each example's first label -100 as in `pack`, and the examples' bounds as
     transformers' flash-attention kwargs: cu_seq_lens_q/k int32 (k+1,) and max_length_q/k. Exact
     with attention.flat_attention (per-example sdpa), flash_attention_2, or plain sdpa/eager (which
-    build the block mask from position_ids); see attention.py."""
+    build the block mask from position_ids); see models/attention.py."""
     rows = [e if "position_ids" in e else _join([e]) for e in examples]  # packed rows stay as they are
     row = {k: [v for r in rows for v in r[k]] for k in ("input_ids", "labels", "position_ids")}
     starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
