@@ -80,3 +80,24 @@ def tiny_model_dir(tmp_path_factory, smol_tokenizer):
     LlamaForCausalLM(cfg).save_pretrained(path)
     smol_tokenizer.save_pretrained(path)
     return path
+
+
+WORDS = ["cat", "dog", "sun", "sky", "red", "map"]
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory):
+    """18 prompt/completion records: "Shout cat" -> "CAT!"."""
+    import json
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Shout {w}", "completion": w.upper() + "!"}) + "\n"
+                            for w in WORDS * 3))
+    return path
+
+
+def run_config(tiny_model_dir, data_file, out, *extra):
+    """A small run config for the tiny model: r=4, batches of 4, lr 1e-2, overrides in `extra`."""
+    from lorakit.train import load_run
+    return load_run(None, overrides=[f"model={tiny_model_dir}", f"data.train={data_file}", f"output_dir={out}",
+                                     "train.batch_size=4", "train.learning_rate=1e-2", "lora.r=4",
+                                     "train.warmup_steps=2", *extra])

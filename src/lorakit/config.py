@@ -119,49 +119,53 @@ class LoraConfig:
 
     def problems(self) -> list[str]:
         """Every problem the config has on its own (no model needed)."""
+        return [message for _, message in self.field_problems()]
+
+    def field_problems(self) -> list[tuple[str, str]]:
+        """(field, problem) for every problem the config has on its own; callers that read the values from
+        somewhere else (a run config's lora.* keys) map the field to where it came from."""
         p = []
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            p.append(f"r must be a positive integer (got {self.r!r}); typical values are 8, 16 or 32")
-        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
-            p.append(f"lora_alpha must be > 0 (got {self.lora_alpha!r}); a common choice is 2*r")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
-            p.append(f"lora_dropout must be in [0, 1) (got {self.lora_dropout!r})")
+            p.append(("r", f"r must be a positive integer (got {self.r!r}); typical values are 8, 16 or 32"))
+        if not _number(self.lora_alpha) or self.lora_alpha <= 0:
+            p.append(("lora_alpha", f"lora_alpha must be > 0 (got {self.lora_alpha!r}); a common choice is 2*r"))
+        if not _number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
+            p.append(("lora_dropout", f"lora_dropout must be in [0, 1) (got {self.lora_dropout!r})"))
         if self.bias not in ("none", "all", "lora_only"):
-            p.append(f"bias must be 'none', 'all' or 'lora_only' (got {self.bias!r})")
-        if self.target_modules is None:
-            p.append("target_modules is required: a list such as ['q_proj', 'v_proj'], a regex, or 'all-linear'")
-        elif isinstance(self.target_modules, str):
-            p += _regex_problem("target_modules", self.target_modules)
-        elif not self.target_modules:
-            p.append("target_modules is empty: name at least one module, or use 'all-linear'")
+            p.append(("bias", f"bias must be 'none', 'all' or 'lora_only' (got {self.bias!r})"))
+        p += [("target_modules", m) for m in _targets_problems("target_modules", self.target_modules, required=True)]
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            p.append("layers_to_transform cannot be used with a regex target_modules; put the layer index in "
-                     "the regex (e.g. r'.*layers\\.1\\..*q_proj') or give target_modules as a list")
+            p.append(("layers_to_transform", "layers_to_transform cannot be used with a regex target_modules; put "
+                      "the layer index in the regex (e.g. r'.*layers\\.1\\..*q_proj') or give target_modules as a list"))
         if self.layers_pattern and self.layers_to_transform is None:
-            p.append("layers_pattern is only used with layers_to_transform; set layers_to_transform too")
-        if isinstance(self.exclude_modules, str):
-            p += _regex_problem("exclude_modules", self.exclude_modules)
+            p.append(("layers_pattern", "layers_pattern is only used with layers_to_transform; set layers_to_transform too"))
+        p += [("exclude_modules", m) for m in _targets_problems("exclude_modules", self.exclude_modules)]
+        if self.modules_to_save is not None and not (isinstance(self.modules_to_save, list)
+                                                     and all(isinstance(m, str) for m in self.modules_to_save)):
+            p.append(("modules_to_save", f"modules_to_save must be a list of module names (got {self.modules_to_save!r})"))
         init = self.init_lora_weights
         if not (init in _INIT_CHOICES or (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init))):
-            p.append(f"init_lora_weights must be one of True, False, 'gaussian', 'pissa', 'pissa_niter_K' "
-                     f"(got {init!r}); lorakit does not implement other PEFT initialisations")
+            p.append(("init_lora_weights", f"init_lora_weights must be one of True, False, 'gaussian', 'pissa', "
+                      f"'pissa_niter_K' (got {init!r}); lorakit does not implement other PEFT initialisations"))
         if self.task_type not in _TASK_TYPES:
-            p.append(f"task_type {self.task_type!r} is unknown; use one of {[t for t in _TASK_TYPES if t]}")
-        for key, pattern_name in ((k, "rank_pattern") for k in self.rank_pattern):
-            value = self.rank_pattern[key]
-            if not isinstance(value, int) or value <= 0:
-                p.append(f"{pattern_name}[{key!r}] must be a positive integer (got {value!r})")
+            p.append(("task_type", f"task_type {self.task_type!r} is unknown; use one of {[t for t in _TASK_TYPES if t]}"))
+        for key, value in self.rank_pattern.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                p.append(("rank_pattern", f"rank_pattern[{key!r}] must be a positive integer (got {value!r})"))
         for key, value in self.alpha_pattern.items():
-            if not isinstance(value, (int, float)) or value <= 0:
-                p.append(f"alpha_pattern[{key!r}] must be > 0 (got {value!r})")
+            if not _number(value) or value <= 0:
+                p.append(("alpha_pattern", f"alpha_pattern[{key!r}] must be > 0 (got {value!r})"))
         if self.loftq_config:
-            p.append("loftq_config is set, but lorakit does not implement LoftQ; remove it")
+            p.append(("loftq_config", "loftq_config is set, but lorakit does not implement LoftQ; remove it"))
         for name, off in _UNSUPPORTED_OFF.items():
             if getattr(self, name) not in (off, None, {}, []):
-                p.append(f"{name}={getattr(self, name)!r}: this PEFT feature is not implemented by lorakit; "
-                         f"leave it at {off!r}")
-        if self.use_dora and self.lora_fa:
-            p.append("use_dora and lora_fa cannot be combined; choose one variant")
+                p.append((name, f"{name}={getattr(self, name)!r}: this PEFT feature is not implemented by lorakit; "
+                          f"leave it at {off!r}"))
+        for name in ("use_dora", "use_rslora", "lora_fa", "fan_in_fan_out", "inference_mode"):
+            if not isinstance(getattr(self, name), bool):
+                p.append((name, f"{name} must be true or false (got {getattr(self, name)!r})"))
+        if self.use_dora is True and self.lora_fa is True:
+            p.append(("use_dora", "use_dora and lora_fa cannot be combined; choose one variant"))
         return p
 
     # -- per-module values ---------------------------------------------------------------------------
@@ -221,6 +225,12 @@ class LoraConfig:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise LorakitError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        except UnicodeDecodeError as e:
+            raise LorakitError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); an adapter_config.json is "
+                               "written by lorakit or PEFT as UTF-8 JSON") from None
+        if not isinstance(d, dict):
+            raise LorakitError(f"{path}: holds a JSON {type(d).__name__}, not an object of LoRA fields ({{\"r\": 8, "
+                               "...}); re-save the adapter with lorakit or PEFT")
         return cls.from_dict(d, source=str(path))
 
     def replace(self, **changes: Any) -> "LoraConfig":
@@ -246,6 +256,25 @@ def _unknown_field(name: str, known: dict) -> str:
     close = difflib.get_close_matches(name, list(known), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return f"unknown field {name!r}{hint}"
+
+
+def _number(x) -> bool:
+    """A real number (int or float, not a bool) that is finite."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _targets_problems(field_name: str, spec, required: bool = False) -> list[str]:
+    """target_modules / exclude_modules: a list of names, a regex, or "all-linear"."""
+    if spec is None:
+        return [f"{field_name} is required: a list such as ['q_proj', 'v_proj'], a regex, or 'all-linear'"] \
+            if required else []
+    if isinstance(spec, str):
+        return _regex_problem(field_name, spec)
+    if not isinstance(spec, list) or not all(isinstance(t, str) for t in spec):
+        return [f"{field_name} must be a list of module names, a regex string, or 'all-linear' (got {spec!r})"]
+    if not spec and required:
+        return [f"{field_name} is empty: name at least one module, or use 'all-linear'"]
+    return []
 
 
 def _regex_problem(field_name: str, pattern: str) -> list[str]:

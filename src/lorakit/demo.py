@@ -29,7 +29,7 @@ def run_demo(config_path: str | Path = "configs/demo.yaml", overrides: list[str]
     print(f"lorakit demo: {len(rows)} held-out examples; evaluating the base model", flush=True)
     base = exact_match(model, tokenizer, rows, progress=True)
     t_base = time.time()
-    result = train(cfg, model=model, tokenizer=tokenizer)
+    result = train(cfg, model=model, tokenizer=tokenizer, overwrite=True)  # a demo re-run keeps the last one aside
     t_train = time.time()
     tuned = exact_match(model, tokenizer, rows, progress=True)
     t_end = time.time()

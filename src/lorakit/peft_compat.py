@@ -136,6 +136,14 @@ class PeftModel(nn.Module):
                         save_embedding_layers: bool | str = "auto", **kwargs) -> None:
         """Like PEFT: 'default' goes to save_directory, any other adapter to save_directory/<name>."""
         model = self.get_base_model()
+        if not self.peft_config:
+            raise LorakitError("this model has no adapter to save: merge_and_unload() / unload() removed them (the "
+                               "weights are in the base now); save the merged model with its own save_pretrained: "
+                               "merged = model.merge_and_unload(); merged.save_pretrained(dir)")
+        unknown = [n for n in selected_adapters or [] if n not in self.peft_config]
+        if unknown:
+            raise LorakitError(f"selected_adapters {unknown} are not adapters of this model; it has "
+                               f"{sorted(self.peft_config)}")
         for name in selected_adapters or list(self.peft_config):
             directory = Path(save_directory) if name == "default" else Path(save_directory) / name
             cfg = self.peft_config[name]

@@ -14,21 +14,7 @@ from lorakit.data import batching
 from lorakit.eval.losses import token_loss_sum
 from lorakit.train import NonFiniteLoss, load_run, loop, train
 
-WORDS = ["cat", "dog", "sun", "sky", "red", "map"]
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"Shout {w}", "completion": w.upper() + "!"}) + "\n"
-                            for w in WORDS * 3))
-    return path
-
-
-def _cfg(tiny_model_dir, data_file, out, *extra):
-    return load_run(None, overrides=[f"model={tiny_model_dir}", f"data.train={data_file}", f"output_dir={out}",
-                                     "train.batch_size=4", "train.learning_rate=1e-2", "lora.r=4",
-                                     "train.warmup_steps=2", *extra])
+from conftest import run_config as _cfg
 
 
 def test_train_end_to_end_learns_and_writes_everything(tiny_model_dir, data_file, tmp_path):

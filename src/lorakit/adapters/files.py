@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write, disk_full_error
 from ..config import ALL_LINEAR, LoraConfig
 from ..errors import LorakitError
 from . import manage
@@ -53,8 +53,11 @@ def write_adapter(directory: str | Path, config: LoraConfig, tensors: dict[str, 
                   metadata: dict[str, str]) -> Path:
     """Write adapter_model.safetensors (keys as given) and adapter_config.json, each atomically."""
     directory = Path(directory)
-    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt", **metadata}))
-    config.save(directory)
+    try:
+        atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt", **metadata}))
+        config.save(directory)
+    except Exception as e:  # noqa: BLE001 - a full disk gets a clear error; anything else is raised as it is
+        raise disk_full_error(e, directory, sum(t.nbytes for t in tensors.values())) or e
     return directory
 
 
@@ -129,6 +132,18 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str = "default",
     return write_adapter(directory, config, tensors, {"lorakit": json.dumps({"lora_fa": config.lora_fa})})
 
 
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The keys of the tensors that hold NaN or Inf."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+def refuse_non_finite(directory: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+    bad = non_finite(tensors)
+    if bad:
+        raise LorakitError(f"the adapter in {directory} holds NaN/Inf in {len(bad)} tensor(s), e.g. {bad[:2]}: it "
+                           "is broken (did training diverge?); use an earlier checkpoint or train it again")
+
+
 def read_adapter(directory: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """Read an adapter folder (lorakit's or PEFT's) without a model: its config and tensors."""
     directory = Path(directory)
@@ -170,9 +185,13 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default",
         manage.delete_adapter(model, name)
         raise
     manage.configs(model)[name] = config.replace(inference_mode=not is_trainable)
-    if not is_trainable:
-        for p in model.parameters():
-            p.requires_grad_(False)
+    if not is_trainable:  # this adapter only: one being trained next to it stays trainable (as PEFT)
+        manage.set_trainable(model, name, False)
+        others = any(p.requires_grad for n, p in model.named_parameters() if ".lora_" in n or ".modules_to_save." in n)
+        if config.bias != "none" and not others:  # the biases it opened, unless another adapter trains
+            for n, p in model.named_parameters():
+                if n.endswith("bias"):
+                    p.requires_grad_(False)
     return model
 
 

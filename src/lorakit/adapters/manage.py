@@ -75,7 +75,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", act
     if activate or len(configs(model)) == 1:
         set_adapter(model, name)
     else:
-        _set_requires_grad(model, name, False)
+        set_trainable(model, name, False)
     return model
 
 
@@ -95,7 +95,9 @@ def _freeze_base(model: nn.Module, config: LoraConfig) -> None:
                 bias.requires_grad_(True)
 
 
-def _set_requires_grad(model: nn.Module, name: str, flag: bool) -> None:
+def set_trainable(model: nn.Module, name: str, flag: bool) -> None:
+    """Make adapter `name`'s own tensors (A, B, magnitudes, modules_to_save copies) trainable or frozen;
+    A stays frozen for LoRA-FA."""
     fa = configs(model)[name].lora_fa if name in configs(model) else False
     for _, layer in lora_layers(model):
         for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector):
@@ -112,7 +114,7 @@ def set_adapter(model: nn.Module, names: str | list[str]) -> None:
     for n in names:
         _check_name(model, n, must_exist=True)
     for other in configs(model):
-        _set_requires_grad(model, other, other in names)
+        set_trainable(model, other, other in names)
     for _, layer in lora_layers(model):
         layer.active_adapters = [n for n in names if n in layer.lora_A]
     for _, mod in _saved_modules(model):

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ..adapters.files import PREFIX, parse_factor_key, read_adapter
+from ..adapters.files import PREFIX, parse_factor_key, read_adapter, refuse_non_finite
+from ..errors import LorakitError
 from ..config import LoraConfig
 
 
@@ -32,6 +33,7 @@ def effective_rank(sv: torch.Tensor) -> float:
 def inspect_adapter(directory: str | Path) -> dict:
     """Per-module report of an adapter folder: r, scaling, ||ΔW||, effective rank, top singular values."""
     config, tensors = read_adapter(directory)
+    refuse_non_finite(directory, tensors)
     factors: dict[str, dict] = {}  # module -> {"A": ..., "B": ...}
     for key, value in tensors.items():
         parsed = parse_factor_key(key.removeprefix(PREFIX))
@@ -65,6 +67,9 @@ def format_report(report: dict) -> str:
 
 def plot_report(report: dict, png: str | Path) -> Path:
     """Bar chart of ||ΔW|| per module, coloured by effective rank."""
+    if not Path(png).parent.is_dir():
+        raise LorakitError(f"cannot write the plot {png}: folder {Path(png).parent} does not exist; create it or "
+                           "give another path")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

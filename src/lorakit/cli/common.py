@@ -27,3 +27,14 @@ def load(args):
     if args.adapter:
         files.load_adapter(model, args.adapter)
     return model, tokenizer
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (--limit 0 or -7 is an error, not 'everything' or 'one')."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value

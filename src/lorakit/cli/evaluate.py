@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from ..errors import LorakitError
-from .common import load, model_args
+from .common import load, model_args, positive_int
 
 
 def add(sub) -> None:
@@ -14,7 +14,7 @@ def add(sub) -> None:
     e.add_argument("--data", required=True, help="JSONL/JSON/CSV/Parquet file")
     e.add_argument("--metric", required=True, choices=["exact_match", "perplexity", "kl"],
                    help="exact_match: greedy completion equals the answer; perplexity; kl: KL(adapter||base)")
-    e.add_argument("--limit", type=int, help="use the first N records only")
+    e.add_argument("--limit", type=positive_int, help="use the first N records only (N >= 1)")
     e.add_argument("--max-length", type=int, default=512, help="tokens per example (perplexity, kl)")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -23,7 +23,11 @@ def add(sub) -> None:
 def run(args) -> int:
     from .. import eval as evaluation
     from ..data import load_records, prepare
-    rows = load_records(args.data)[: args.limit] if args.limit else load_records(args.data)
+    rows = load_records(args.data)
+    if args.metric == "exact_match" and rows.format == "text":
+        raise LorakitError(f"{args.data} holds 'text' records, which have no prompt and answer: exact_match needs "
+                           "messages, prompt/completion or instruction/output records; use --metric perplexity")
+    rows = rows[: args.limit] if args.limit else rows
     model, tokenizer = load(args)
     if args.metric == "exact_match":
         result = evaluation.exact_match(model, tokenizer, rows, batch_size=args.batch_size, progress=True)

@@ -12,14 +12,27 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
+    from pathlib import Path
+
     from ..adapters import manage
+    from ..atomic import refuse_output_onto_inputs
+    from ..errors import LorakitError
+    from ..models.load import resolve_model
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise LorakitError(f"--out {out} is a file; the merged model is a folder (config.json, model.safetensors, "
+                           "tokenizer): give a folder path")
+    inputs = [args.adapter] + [p for p in [resolve_model(args.model)] if Path(p).is_dir()]
+    refuse_output_onto_inputs(out, inputs, "the merged model")
     model, tokenizer = load(args)
     if args.quantize != "none":
         from ..adapters.quantize import merge_to_full_precision
         model = merge_to_full_precision(model)
     else:
         model = manage.merge_and_unload(model, safe_merge=True)
-    model.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
-    print(f"merged model written to {args.out} (loads with transformers alone)")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if not (out / "config.json").is_file():
+        raise LorakitError(f"the merged model was not written to {out} (no config.json there)")
+    print(f"merged model written to {out} (loads with transformers alone)")
     return 0

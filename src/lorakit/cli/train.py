@@ -1,4 +1,4 @@
-"""lorakit train CONFIG [--run NAME] [--set k=v ...] [--resume]: train an adapter from a YAML run config."""
+"""lorakit train CONFIG [--run NAME] [--set k=v ...] [--resume | --overwrite]: train an adapter from a YAML run config."""
 
 from __future__ import annotations
 
@@ -12,13 +12,15 @@ def add(sub) -> None:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.max_steps=100 (repeatable; wins over the file)")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    t.add_argument("--overwrite", action="store_true",
+                   help="output_dir holds another run: move it aside (output_dir.previous-<time>) and start anew")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:
     from ..train import load_run, train
     cfg = load_run(args.config, args.run, args.overrides)
-    result = train(cfg, resume=args.resume, progress=not args.quiet)
+    result = train(cfg, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
     print(json.dumps({"output_dir": str(result.output_dir), "steps": result.steps, "stopped": result.stopped,
                       "train_loss": round(result.train_loss, 4),
                       "eval_loss": None if result.eval_loss is None else round(result.eval_loss, 4)}))

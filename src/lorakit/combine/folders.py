@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..adapters.files import EMBEDDING_LAYER_NAMES, PREFIX, factor_key, parse_factor_key, read_adapter, write_adapter
+from ..adapters.files import (EMBEDDING_LAYER_NAMES, PREFIX, factor_key, parse_factor_key, read_adapter,
+                              refuse_non_finite, write_adapter)
+from ..atomic import refuse_output_onto_inputs
 from ..errors import LorakitError
 from ..layers import LoraLayer, dense_weight
 from .arithmetic import Factors
@@ -38,6 +40,7 @@ def combine_adapter_dirs(dirs: list[str | Path], weights: list[float], method: s
     dirs = [Path(d) for d in dirs] if isinstance(dirs, (list, tuple)) else dirs
     if not isinstance(dirs, list) or not dirs:
         raise LorakitError(f"give at least one adapter folder to combine (got {dirs!r})")
+    refuse_output_onto_inputs(out_dir, dirs, "the combined adapter")
     read = _read_all(dirs)
     labels = [d.name or str(d) for d in dirs]
     if len(set(labels)) < len(labels):  # e.g. run1/adapter and run2/adapter
@@ -70,6 +73,7 @@ def _read_all(dirs: list[Path]) -> list:
     for d in dirs:
         try:
             cfg, tensors = read_adapter(d)
+            refuse_non_finite(d, tensors)
             read.append((cfg, {k.removeprefix(PREFIX): v for k, v in tensors.items()}))
         except LorakitError as e:
             problems.append(str(e))

@@ -62,6 +62,10 @@ def _check_model(model, names, weights, method, rank, new_name, density, majorit
         problems.append(f"an adapter named {new_name!r} already exists; pick another name or delete it first")
     known = [n for n in names if n in cfgs]
     problems += check_kinds(known, {n: cfgs[n] for n in known}, method)
+    for mod, layer in manage.lora_layers(model):
+        broken = [n for n in dict.fromkeys(known) if n in layer.lora_A and not all(
+            torch.isfinite(t).all() for t in (layer.lora_A[n], layer.lora_B[n]))]
+        problems += [f"adapter {n!r} holds NaN/Inf in {mod}: it is broken (did its training diverge?)" for n in broken]
     dora = [n for n in known if cfgs[n].use_dora]
     if dora and any(layer.merged_adapters for _, layer in manage.lora_layers(model)):
         problems.append(f"DoRA adapter(s) {dora} need the base weights, but some adapters are merged into them; "

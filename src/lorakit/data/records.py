@@ -11,6 +11,7 @@ Public: load_records, Records, check_record, record_format, as_messages.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from collections.abc import Iterator
@@ -98,9 +99,21 @@ def _read(path: Path) -> Iterator[tuple[str, object, str | None]]:
                        f".csv or .parquet")
 
 
+def _read_text(path: Path) -> str:
+    """The file as text; a file that is not UTF-8 is an error naming the line and column of the first bad
+    byte. (utf-8-sig: files saved by some editors start with a byte-order mark.)"""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise LorakitError(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x} at column {column}); save "
+                           "the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
 def _read_jsonl(path: Path, text: str | None = None):
-    # utf-8-sig: files saved by some editors start with a byte-order mark.
-    text = path.read_text(encoding="utf-8-sig") if text is None else text
+    text = _read_text(path) if text is None else text
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue  # blank lines (a trailing newline, spacing) are not records
@@ -112,9 +125,10 @@ def _read_jsonl(path: Path, text: str | None = None):
 
 def _read_json(path: Path):
     """A JSON array of records; each is located by the line its object starts on."""
-    text = path.read_text(encoding="utf-8-sig")
+    text = _read_text(path)
     start = len(text) - len(text.lstrip())
-    if text[start:start + 1] == "{":  # JSON Lines saved under a .json name
+    if text[start:start + 1] == "{":  # JSON Lines saved under a .json name, or one object
+        _refuse_one_object(path, text)
         yield from _read_jsonl(path, text)
         return
     try:
@@ -127,6 +141,18 @@ def _read_json(path: Path):
                            f"{type(items).__name__}")
     for line, item in zip(_array_item_lines(text), items):
         yield f"{path}:{line}", item, None
+
+
+def _refuse_one_object(path: Path, text: str) -> None:
+    """A .json file that is one JSON object ({"data": [...]}, a pretty-printed record) is not JSON Lines."""
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        return  # several objects: JSON Lines
+    lines = [line for line in text.splitlines() if line.strip()]
+    if isinstance(whole, dict) and (len(lines) > 1 or record_format(whole) is None):
+        raise LorakitError(f"{path}: holds one JSON object (keys {sorted(whole)[:5]}), not an array of records: put "
+                           "the records in a list [{...}, {...}], or one per line in a .jsonl file")
 
 
 def _array_item_lines(text: str) -> Iterator[int]:
@@ -143,7 +169,7 @@ def _array_item_lines(text: str) -> Iterator[int]:
 
 def _read_csv(path: Path):
     """A header row names the fields; every cell is a string (an empty cell is "")."""
-    with path.open(newline="", encoding="utf-8-sig") as handle:
+    with io.StringIO(_read_text(path), newline="") as handle:
         reader = csv.DictReader(handle)
         line = reader.line_num + 1
         for row in reader:

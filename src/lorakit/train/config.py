@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,9 +221,73 @@ def _build(raw: dict, lines: dict, source: str) -> RunConfig:
         sections[name] = cls(**{k: v for k, v in values.items() if k in known})
     top = {k: raw[k] for k in ("model", "output_dir", "name") if k in raw}
     cfg = RunConfig(**top, **sections)
-    problems += [f"{where(k)}: {msg}" for k, msg in _value_problems(cfg)]
+    typed = _type_problems(cfg)
+    problems += [f"{where(k)}: {msg}" for k, msg in typed]
+    if not typed:  # values of the right types: now their ranges, and the LoraConfig they make
+        problems += [f"{where(k)}: {msg}" for k, msg in _value_problems(cfg) + _lora_problems(cfg)]
     LorakitError.collect(problems, f"Invalid run config ({source}):")
     return cfg
+
+
+def _allowed(annotation: str) -> tuple[type, ...] | None:
+    """The types a field's annotation admits (None: anything), from its source text ("int | None")."""
+    names = {"int": int, "float": (int, float), "bool": bool, "str": str, "list": list, "None": type(None)}
+    parts = [part.strip() for part in annotation.split("|")]
+    if "Any" in parts:
+        return None
+    out = []
+    for part in parts:
+        kind = names[part]
+        out += list(kind) if isinstance(kind, tuple) else [kind]
+    return tuple(out)
+
+
+def _described(annotation: str) -> str:
+    words = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string", "list": "a list",
+             "None": "null"}
+    return " or ".join(words[part.strip()] for part in annotation.split("|"))
+
+
+def _type_problems(cfg: RunConfig) -> list[tuple[str, str]]:
+    """Every key whose value has the wrong type for its field (a quoted "false" for a bool, a list for an
+    int), named by its dotted key; True/False are not accepted as numbers."""
+    p = []
+    items = [(f"{name}.{f.name}", f, getattr(getattr(cfg, name), f.name))
+             for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+    items += [(f.name, f, getattr(cfg, f.name)) for f in dataclasses.fields(RunConfig) if f.name not in SECTIONS]
+    for key, f, value in items:
+        allowed = _allowed(f.type)
+        if allowed is None:
+            continue
+        is_bool = isinstance(value, bool)
+        if not isinstance(value, allowed) or (is_bool and bool not in allowed):
+            hint = " (without quotes)" if isinstance(value, str) and bool in allowed else ""
+            p.append((key, f"{key} must be {_described(f.type)}{hint}, got {value!r} ({type(value).__name__})"))
+    return p
+
+
+# LoraConfig field -> the run key it comes from (lora_config below is the other direction)
+_LORA_KEYS = {"r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
+              "target_modules": "lora.target_modules", "init_lora_weights": "lora.init",
+              "modules_to_save": "lora.modules_to_save", "use_rslora": "lora.rslora", "use_dora": "lora.variant",
+              "lora_fa": "lora.variant", "base_model_name_or_path": "model"}
+
+
+def _lora_problems(cfg: RunConfig) -> list[tuple[str, str]]:
+    """The LoraConfig the run makes, checked now, its problems named by the run keys they come from."""
+    try:
+        lora_config(cfg)
+    except LorakitError:
+        unchecked = LoraConfig.__new__(LoraConfig)
+        for name, value in _lora_fields(cfg).items():
+            setattr(unchecked, name, value)
+        for f in dataclasses.fields(LoraConfig):
+            if f.name not in _lora_fields(cfg):
+                setattr(unchecked, f.name, f.default_factory() if f.default_factory is not dataclasses.MISSING
+                        else f.default)
+        return [(_LORA_KEYS.get(name, "lora"), msg.replace(f"{name} ", f"{_LORA_KEYS.get(name, name)} ", 1))
+                for name, msg in unchecked.field_problems()]
+    return []
 
 
 def _unknown(key: str, known) -> str:
@@ -256,13 +321,40 @@ def _value_problems(cfg: RunConfig) -> list[tuple[str, str]]:
         p.append(("data.on_error", f"data.on_error must be 'fail' or 'skip' (got {d.on_error!r})"))
     if not 0 <= d.eval_fraction < 1:
         p.append(("data.eval_fraction", f"data.eval_fraction must be in [0, 1) (got {d.eval_fraction!r})"))
+    for key, value in (("train.weight_decay", t.weight_decay), ("train.max_grad_norm", t.max_grad_norm),
+                       ("train.warmup_steps", t.warmup_steps), ("train.eval_every", t.eval_every),
+                       ("train.save_every", t.save_every), ("train.keep_checkpoints", t.keep_checkpoints),
+                       ("train.early_stopping_patience", t.early_stopping_patience)):
+        if not math.isfinite(value) or value < 0:
+            p.append((key, f"{key} must be >= 0 (got {value!r})"))
+    if not math.isfinite(t.learning_rate):
+        p.append(("train.learning_rate", f"train.learning_rate must be a finite number (got {t.learning_rate!r})"))
+    if t.lora_plus_ratio is not None and (not math.isfinite(t.lora_plus_ratio) or t.lora_plus_ratio <= 0):
+        p.append(("train.lora_plus_ratio", f"train.lora_plus_ratio must be > 0 (B's learning rate is learning_rate "
+                                           f"times it; LoRA+ suggests 16), got {t.lora_plus_ratio!r}"))
+    p += _device_problems(t.device)
     return p
 
 
-def lora_config(cfg: RunConfig, base_model_name: str | None = None):
-    """The library's LoraConfig for this run (the one place run keys map to PEFT field names)."""
+def _device_problems(device: str) -> list[tuple[str, str]]:
+    if device == "auto":
+        return []
+    try:
+        import torch
+        torch.device(device)
+    except (RuntimeError, ValueError):
+        return [("train.device", f"train.device {device!r} is not a device: use auto, cpu, cuda or cuda:N")]
+    return []
+
+
+def _lora_fields(cfg: RunConfig, base_model_name: str | None = None) -> dict:
     lo = cfg.lora
-    return LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules,
-                      use_dora=lo.variant == "dora", lora_fa=lo.variant == "lora_fa", use_rslora=lo.rslora,
-                      init_lora_weights=lo.init, modules_to_save=lo.modules_to_save, task_type="CAUSAL_LM",
-                      base_model_name_or_path=base_model_name or cfg.model)
+    return dict(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules,
+                use_dora=lo.variant == "dora", lora_fa=lo.variant == "lora_fa", use_rslora=lo.rslora,
+                init_lora_weights=lo.init, modules_to_save=lo.modules_to_save, task_type="CAUSAL_LM",
+                base_model_name_or_path=base_model_name or cfg.model)
+
+
+def lora_config(cfg: RunConfig, base_model_name: str | None = None) -> LoraConfig:
+    """The library's LoraConfig for this run (the one place run keys map to PEFT field names)."""
+    return LoraConfig(**_lora_fields(cfg, base_model_name))

@@ -72,11 +72,12 @@ class EvalHook(Hook):
 
 
 class CheckpointHook(Hook):
-    """A resumable checkpoint every save_every steps (0: none on the way) and whenever the loop stops early."""
+    """A resumable checkpoint every save_every steps (0: none on the way) and when the loop stops, for any
+    reason: an interrupted run continues from it, a finished one can be extended (--resume, more steps)."""
 
-    def __init__(self, out: Path, model, optimizer, scheduler, every: int = 0, keep: int = 2):
+    def __init__(self, out: Path, model, optimizer, scheduler, every: int = 0, keep: int = 2, run: dict | None = None):
         self.out, self.model, self.optimizer, self.scheduler = Path(out), model, optimizer, scheduler
-        self.every, self.keep = every, keep
+        self.every, self.keep, self.run = every, keep, run  # run: the config record kept in each checkpoint
 
     def after_step(self, state: TrainState, step: Step) -> None:
         if self.every and step.step % self.every == 0:
@@ -85,6 +86,6 @@ class CheckpointHook(Hook):
     def on_stop(self, state: TrainState, reason: str) -> None:
         self.save(state)
 
-    def save(self, state: TrainState, tag: str | None = None) -> Path:
-        return save_training_checkpoint(self.out, state, self.model, self.optimizer, self.scheduler,
-                                        keep=self.keep, tag=tag)
+    def save(self, state: TrainState) -> Path:
+        return save_training_checkpoint(self.out, state, self.model, self.optimizer, self.scheduler, self.run,
+                                        keep=self.keep)

@@ -6,16 +6,22 @@ import json
 import math
 from pathlib import Path
 
+from ..atomic import atomic_write_text
+
 
 class MetricsLog:
-    """Appends {"step": ..., ...} rows to output_dir/metrics.jsonl; a resumed run keeps appending."""
+    """Appends {"step": ..., ...} rows to output_dir/metrics.jsonl; a resumed run keeps appending.
+
+    A resumed run drops the rows logged after its checkpoint (so the log has no duplicates), by writing
+    the kept rows to a new file that replaces the old one atomically: a kill during that rewrite leaves
+    the old log. A row torn by a kill mid-write (the last line) is dropped when the log is read.
+    """
 
     def __init__(self, path: str | Path, truncate_after_step: int | None = None):
         self.path = Path(path)
         if truncate_after_step is not None and self.path.exists():
-            # a resumed run drops rows logged after its checkpoint, so the log has no duplicates
             rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= truncate_after_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
         elif truncate_after_step is None and self.path.exists():
             self.path.unlink()
         self._file = self.path.open("a")
@@ -35,8 +41,19 @@ def _plain(v):
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a metrics.jsonl; lines that are not a JSON object (a row torn by a kill) are skipped."""
     path = Path(path)
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 def plot_curves(metrics_path: str | Path, png_path: str | Path, title: str = "") -> Path | None:

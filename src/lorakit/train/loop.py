@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import signal
 import time
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from .state import TrainState
 
 
 class NonFiniteLoss(LorakitError):
-    pass
+    """A step's loss or gradient was not finite; it was not applied (the weights are the previous step's)."""
 
 
 @dataclass
@@ -51,7 +52,7 @@ class Hook:
         return None
 
     def on_stop(self, state: TrainState, reason: str) -> None:
-        """The loop ends for `reason` ("done" | a hook's reason | "interrupted")."""
+        """The loop ends (after its last step) for `reason`: "done", a hook's reason, or "interrupted"."""
 
 
 def micro_batches(dataset, batch_size: int, seed: int, state: TrainState, group_by_length: bool,
@@ -76,18 +77,30 @@ def run(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, micro: It
     """Train until state.step == steps; returns why it stopped ("done", a hook's reason, "interrupted").
 
     lean: store activations that backward can rebuild as recipes (recompute.rebuilt_activations; off
-    for compiled layers). Raises NonFiniteLoss before an optimizer step whose loss is not finite.
+    for compiled layers). A step whose loss or gradient norm is not finite is not applied: the loop
+    raises NonFiniteLoss with the model, optimizer, data position and RNG as they were after the
+    previous step, so a checkpoint taken then is that step's.
     """
     device = device or next(model.parameters()).device
     model.train()
     while state.step < steps:
         started = time.time()
+        before = (state.epoch, state.micro, torch.get_rng_state(), random.getstate(),
+                  torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
         # -- forward and backward over the micro-batches -------------------------------------------------
         loss, tokens = accumulate(model, micro, grad_accum, device, autocast_dtype, lean)
-        if not math.isfinite(loss):
-            raise NonFiniteLoss(f"loss became {loss} at step {state.step + 1}")
-        # -- the update ----------------------------------------------------------------------------------
         grad_norm = clip(model, max_grad_norm)
+        # -- the guard: a non-finite loss or gradient is never applied -----------------------------------
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            optimizer.zero_grad(set_to_none=True)
+            state.epoch, state.micro = before[0], before[1]  # the state is the previous step's, exactly
+            torch.set_rng_state(before[2])
+            random.setstate(before[3])
+            if before[4] is not None:
+                torch.cuda.set_rng_state_all(before[4])
+            what = f"loss became {loss}" if not math.isfinite(loss) else f"the gradient norm became {grad_norm}"
+            raise NonFiniteLoss(f"{what} at step {state.step + 1} (loss {loss:.4g}); the step was not applied")
+        # -- the update ----------------------------------------------------------------------------------
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -96,11 +109,14 @@ def run(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, micro: It
         # -- hooks: log, evaluate, checkpoint --------------------------------------------------------------
         reasons = [r for r in (h.after_step(state, step) for h in hooks) if r]
         if reasons or stop_requested():
-            reason = reasons[0] if reasons else "interrupted"
-            for h in hooks:
-                h.on_stop(state, reason)
-            return reason
-    return "done"
+            return _stop(hooks, state, reasons[0] if reasons else "interrupted")
+    return _stop(hooks, state, "done")
+
+
+def _stop(hooks, state: TrainState, reason: str) -> str:
+    for h in hooks:
+        h.on_stop(state, reason)
+    return reason
 
 
 def accumulate(model: nn.Module, micro, grad_accum: int, device, autocast_dtype, lean: bool = True) -> tuple[float, int]:

@@ -12,6 +12,7 @@ writes one, and exits cleanly.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -26,11 +27,12 @@ from ..data import load_records, prepare, split_eval
 from ..data.dataset import TokenizedDataset
 from ..errors import LorakitError
 from ..models import attention
-from . import loop
+from . import loop, rundir
 from .config import RunConfig, TrainSection, lora_config
 from .hooks import CheckpointHook, EvalHook, LogHook
 from .logbook import MetricsLog, plot_curves
 from .optim import build_optimizer, build_scheduler
+from .rundir import run_record
 from .state import TrainState, latest_checkpoint, load_training_checkpoint
 
 
@@ -88,18 +90,22 @@ def build(cfg: RunConfig, model=None, tokenizer=None) -> Recipe:
                   total_steps, flat)
 
 
-def train(cfg: RunConfig, resume: bool = False, progress: bool = True, model=None, tokenizer=None) -> TrainResult:
-    """Train one LoRA adapter as `cfg` says; returns where it went and how it ended."""
+def train(cfg: RunConfig, resume: bool = False, progress: bool = True, model=None, tokenizer=None,
+          overwrite: bool = False) -> TrainResult:
+    """Train one LoRA adapter as `cfg` says; returns where it went and how it ended.
+
+    resume: continue from the latest complete checkpoint in output_dir. Otherwise output_dir must not
+    hold another run, unless overwrite, which first moves that run aside (output_dir.previous-<time>).
+    """
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _claim(out, resume, overwrite, progress)
     t = cfg.train
     r = build(cfg, model, tokenizer)
+    run = run_record(cfg)
     state = TrainState()
     if resume:
-        ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            raise LorakitError(f"--resume: no checkpoint in {out / 'checkpoints'}; start without --resume")
-        state = load_training_checkpoint(ckpt, r.model, r.optimizer, r.scheduler)
+        state = _resume(out, r, run, progress)
+    cfg.save(out / "run.yaml")
     log = MetricsLog(out / "metrics.jsonl", truncate_after_step=state.step if resume else None)
     _say(progress, f"lorakit: {manage.trainable_report(r.model)}")
     _say(progress, f"lorakit: train {r.train_data.stats.summary()}"
@@ -107,7 +113,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, model=Non
     logging = LogHook(log, r.total_steps, t.log_every, progress, initial=state.step)
     evaluation = EvalHook(r.model, r.eval_data, log, out, t.eval_every, t.batch_size,
                           t.early_stopping_patience) if r.eval_data is not None else None
-    checkpoints = CheckpointHook(out, r.model, r.optimizer, r.scheduler, t.save_every, t.keep_checkpoints)
+    checkpoints = CheckpointHook(out, r.model, r.optimizer, r.scheduler, t.save_every, t.keep_checkpoints, run)
     micro = loop.micro_batches(r.train_data, t.batch_size, t.seed, state, t.group_by_length,
                                _float_dtype(r.model), r.flat)
     started = time.time()
@@ -119,21 +125,69 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, model=Non
                                hooks=[h for h in (logging, evaluation, checkpoints) if h is not None],
                                stop_requested=lambda: signals.requested)
     except loop.NonFiniteLoss as e:
-        checkpoints.save(state, tag="nan")
-        raise loop.NonFiniteLoss(f"{e}: training stopped and the last good checkpoint is in "
-                                 f"{out / 'checkpoints'}; lower train.learning_rate (now {t.learning_rate}) "
-                                 "or set train.max_grad_norm, then --resume") from None
+        raise _stopped_non_finite(e, out, r, state, checkpoints, t.learning_rate) from None
     finally:
         logging.close()
-    # -- finish --------------------------------------------------------------------------------------
+    # -- finish: the adapter first, so that nothing trained is lost if the final evaluation is cut short ---
+    files.save_adapter(r.model, out)
     eval_loss = evaluation.last if evaluation is not None else None
     if evaluation is not None and stopped != "interrupted" and (not t.eval_every or state.step % t.eval_every):
         eval_loss = evaluation.evaluate(state)
     log.close()
-    _finish(r.model, cfg, out, use_best=evaluation is not None and stopped != "interrupted")
+    _finish(cfg, out, use_best=evaluation is not None and stopped != "interrupted")
     seconds = time.time() - started
     _say(progress, f"lorakit: {stopped} after {state.step} steps in {seconds:.0f} s; adapter in {out}")
     return TrainResult(out, state.step, stopped, logging.last_loss, eval_loss, seconds, state.tokens)
+
+
+def _claim(out: Path, resume: bool, overwrite: bool, progress: bool) -> None:
+    aside = rundir.claim(out, resume, overwrite)
+    if aside is not None:
+        _say(progress, f"lorakit: --overwrite: the previous run in {out} was moved to {aside}")
+
+
+def _resume(out: Path, r: Recipe, run: dict, progress: bool) -> TrainState:
+    """Load the latest complete checkpoint into the built objects; check and apply what changed."""
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        raise LorakitError(f"--resume: no checkpoint in {out / 'checkpoints'} (none complete); start without --resume")
+    pointer = out / "checkpoints" / "latest"
+    if not pointer.is_file() or pointer.read_text().strip() != ckpt.name:
+        _say(progress, f"lorakit: checkpoints/latest does not name a complete checkpoint; resuming from the newest "
+                       f"complete one, {ckpt.name}")
+    saved = json.loads((ckpt / "run.json").read_text()) if (ckpt / "run.json").is_file() else {}
+    changes = rundir.resume_changes(saved, run, ckpt)  # raises before anything is loaded
+    fresh = [(g["initial_lr"], g.get("weight_decay")) for g in r.optimizer.param_groups]
+    state, _ = load_training_checkpoint(ckpt, r.model, r.optimizer, r.scheduler)
+    _apply_hyperparameters(r.optimizer, r.scheduler, fresh)
+    for change in changes:
+        _say(progress, f"lorakit: resuming with a changed {change} (applied from step {state.step + 1} on)")
+    _say(progress, f"lorakit: resuming from {ckpt} (step {state.step})")
+    return state
+
+
+def _apply_hyperparameters(optimizer, scheduler, fresh: list[tuple[float, float | None]]) -> None:
+    """The config's learning rates and weight decay over the restored optimizer and schedule (which load the
+    checkpoint's): the schedule's position is kept, its base rates are the config's. Unchanged values give
+    back exactly what was saved."""
+    for group, (lr, decay) in zip(optimizer.param_groups, fresh):
+        group["initial_lr"] = lr
+        if decay is not None:
+            group["weight_decay"] = decay
+    scheduler.base_lrs = [lr for lr, _ in fresh]
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def _stopped_non_finite(e: loop.NonFiniteLoss, out: Path, r: Recipe, state: TrainState,
+                        checkpoints: CheckpointHook, lr: float) -> loop.NonFiniteLoss:
+    """Save the last good state (the loop did not apply the bad step) and say how to go on."""
+    path = checkpoints.save(state)
+    files.save_adapter(r.model, out)
+    return loop.NonFiniteLoss(f"{e}. Training stopped; the last good state (step {state.step}) is saved: "
+                              f"checkpoint {path} (latest) and the adapter in {out}; lower train.learning_rate "
+                              f"(now {lr}) or set train.max_grad_norm, then --resume")
 
 
 # -- building blocks --------------------------------------------------------------------------------
@@ -187,16 +241,14 @@ def _float_dtype(model) -> torch.dtype:
                 torch.float32)
 
 
-def _finish(model, cfg: RunConfig, out: Path, use_best: bool) -> None:
-    """The final adapter at the top of output_dir (the best one by eval loss when evaluated)."""
+def _finish(cfg: RunConfig, out: Path, use_best: bool) -> None:
+    """The adapter at the top of output_dir is the best one by eval loss when there was an evaluation
+    (it holds the last one, saved already); the plot."""
     best = out / "best"
     if use_best and (best / files.WEIGHTS_NAME).exists():
         for name in (files.WEIGHTS_NAME, "adapter_config.json"):
             data_bytes = (best / name).read_bytes()
             atomic_write(out / name, lambda p, b=data_bytes: Path(p).write_bytes(b))
-    else:
-        files.save_adapter(model, out)
-    cfg.save(out / "run.yaml")
     plot_curves(out / "metrics.jsonl", out / "loss.png", title=f"lorakit: {cfg.name} ({cfg.model})")
 
 

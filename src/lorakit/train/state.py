@@ -1,21 +1,28 @@
-"""Training checkpoints: everything a run needs to continue exactly, written atomically.
+"""Training checkpoints: everything a run needs to continue exactly, written so that none is ever lost.
 
     output_dir/checkpoints/step-000120/
         adapter_config.json, adapter_model.safetensors   the adapter (PEFT format)
         optimizer.pt, scheduler.pt                       state dicts (loaded with weights_only=True)
         rng.pt                                           torch / CUDA / Python RNG states
+        run.json                                         the resolved run config the state belongs to
         trainer_state.json                               step, epoch, micro-batch, best eval, tokens
     output_dir/checkpoints/latest                        name of the newest complete checkpoint
 
-A checkpoint is built in a hidden temporary folder and renamed into place, then `latest` is
-replaced atomically: a crash at any moment leaves the previous checkpoint usable. Nothing here is
-unpickled beyond torch.load(weights_only=True).
+A checkpoint is built in a hidden temporary folder, flushed to disk and renamed into place; only then
+is `latest` replaced (atomically). A live checkpoint is never deleted or rewritten: one that exists
+for the same step is kept (nothing changed since it was written), and pruning spares the newest. So a
+kill at any moment, SIGKILL right after SIGTERM included, leaves `latest` naming a complete
+checkpoint; should it not (a disk error), resuming falls back to the newest complete one. Temporary
+folders of killed saves are removed at the next save. A non-finite adapter is never saved as a
+checkpoint. Nothing here is unpickled beyond torch.load(weights_only=True).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -24,8 +31,11 @@ from pathlib import Path
 import torch
 
 from ..adapters import files
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write_text, disk_full_error
 from ..errors import LorakitError
+
+PARTS = ("adapter_config.json", files.WEIGHTS_NAME, "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json")
+_STEP = re.compile(r"step-(\d{6})")
 
 
 @dataclass
@@ -38,64 +48,110 @@ class TrainState:
     bad_evals: int = 0  # evals in a row without improvement (early stopping)
 
 
-def _dir(out: Path) -> Path:
+def checkpoints_dir(out: Path) -> Path:
     return Path(out) / "checkpoints"
 
 
-def save_training_checkpoint(out: Path, state: TrainState, model, optimizer, scheduler, keep: int = 2,
-                             tag: str | None = None) -> Path:
-    root = _dir(out)
+def is_complete(path: Path) -> bool:
+    return path.is_dir() and all((path / part).is_file() for part in PARTS)
+
+
+def save_training_checkpoint(out: Path, state: TrainState, model, optimizer, scheduler, run: dict | None = None,
+                             keep: int = 2) -> Path:
+    """Write the checkpoint of `state` (step-NNNNNN), point `latest` at it, prune older ones to `keep`."""
+    root = checkpoints_dir(out)
     root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{state.step:06d}" + (f"-{tag}" if tag else "")
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
+    for leftover in root.glob(".step-*"):  # temporary folders of saves that were killed
+        shutil.rmtree(leftover, ignore_errors=True)
+    name = f"step-{state.step:06d}"
+    final = root / name
+    if not is_complete(final):
+        _refuse_non_finite(model, state.step)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
+        try:
+            _write(tmp, state, model, optimizer, scheduler, run)
+            if final.exists():  # a partial folder (a half-finished delete): not a checkpoint
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        except BaseException as e:  # noqa: BLE001 - clean up, then raise (a clearer error for a full disk)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise disk_full_error(e, root, _checkpoint_bytes(model, optimizer)) or e
+    atomic_write_text(root / "latest", name + "\n")
+    _prune(root, keep, spare=name)
+    return final
+
+
+def _write(tmp: Path, state: TrainState, model, optimizer, scheduler, run: dict | None) -> None:
     files.save_adapter(model, tmp)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     torch.save(rng, tmp / "rng.pt")
+    (tmp / "run.json").write_text(json.dumps(run or {}, indent=2, default=str))
     (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
-    final = root / name
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    if tag is None:
-        atomic_write_text(root / "latest", name + "\n")
-        _prune(root, keep)
-    return final
+    for part in tmp.iterdir():  # on disk before the rename makes the folder a checkpoint
+        with open(part, "rb") as f:
+            os.fsync(f.fileno())
 
 
-def _prune(root: Path, keep: int) -> None:
-    done = sorted(p for p in root.glob("step-??????") if p.is_dir())
-    for old in done[:-keep] if keep > 0 else []:
+def _refuse_non_finite(model, step: int) -> None:
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad:
+        raise LorakitError(f"not saving step {step}: adapter tensors hold NaN/Inf ({bad[:3]}); the previous "
+                           "checkpoint stays the latest")
+
+
+def _prune(root: Path, keep: int, spare: str) -> None:
+    """Keep `spare` (the new latest) and the keep-1 newest checkpoints before it (keep 0: all of them);
+    folders of later steps are left over from a run resumed from an earlier one, and go."""
+    current = int(_STEP.fullmatch(spare).group(1))
+    steps = sorted((int(m.group(1)), p) for p in root.iterdir()
+                   if (m := _STEP.fullmatch(p.name)) and p.is_dir() and p.name != spare)
+    older = [p for step, p in steps if step < current]
+    doomed = [p for step, p in steps if step > current] + (older[:len(older) - (keep - 1)] if keep > 0 else [])
+    for old in doomed:
         shutil.rmtree(old, ignore_errors=True)
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    pointer = _dir(out) / "latest"
-    if not pointer.exists():
-        return None
-    path = _dir(out) / pointer.read_text().strip()
-    return path if (path / "trainer_state.json").exists() else None
+    """The checkpoint `latest` names if it is complete, else the newest complete one, else None."""
+    root = checkpoints_dir(out)
+    pointer = root / "latest"
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if is_complete(named):
+            return named
+    complete = sorted(p for p in root.glob("step-??????") if _STEP.fullmatch(p.name) and is_complete(p))
+    return complete[-1] if complete else None
 
 
-def load_training_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
-    """Restore adapter tensors, optimizer, scheduler and RNG states; returns the data position."""
+def load_training_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[TrainState, dict]:
+    """Restore adapter tensors, optimizer, scheduler and RNG states; returns the data position and the run
+    config the checkpoint was written with ({} for checkpoints older than run.json)."""
     try:
         state = TrainState(**json.loads((path / "trainer_state.json").read_text()))
         files.load_weights(model, path)
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         rng = torch.load(path / "rng.pt", weights_only=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        run = json.loads((path / "run.json").read_text()) if (path / "run.json").is_file() else {}
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
         raise LorakitError(f"checkpoint {path} could not be restored ({e}); it may come from another "
                            "config: resume with the same run config, or start without --resume") from None
     torch.set_rng_state(rng["torch"])
     random.setstate(_as_tuple(rng["python"]))
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return state
+    return state, run
 
 
 def _as_tuple(x):
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _checkpoint_bytes(model, optimizer) -> int:
+    """About what a checkpoint takes: the trainable tensors and the optimizer's state tensors."""
+    params = sum(p.nbytes for p in model.parameters() if p.requires_grad)
+    states = sum(t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+    return params + states

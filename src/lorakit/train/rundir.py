@@ -1,0 +1,97 @@
+"""A run's folder and its continuity: one run per output_dir, and what may change when a run resumes.
+
+    claim(out, resume, overwrite)   a new run refuses a folder that holds another run's files (its
+                                    checkpoints would be pruned, its metrics lost), unless overwrite:
+                                    then the old run is moved aside whole, never deleted
+    run_record(cfg)                 what a checkpoint keeps of the config: the resolved keys, and a
+                                    fingerprint of each data file
+    resume_changes(saved, now)      on --resume: keys that define the data stream or the model must be
+                                    the checkpoint's (refused otherwise, every difference listed); the
+                                    update's hyper-parameters and the run's length may change, and are
+                                    applied and reported
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+from ..errors import LorakitError
+from .config import RunConfig
+
+# Files that mean "a run lives here" (checkpoints/ counts when it holds a checkpoint).
+_RUN_FILES = ("run.yaml", "metrics.jsonl", "checkpoints/step-*", "adapter_model.safetensors")
+# Keys that may differ on resume: applied from the resumed step on (the schedule is recomputed).
+MAY_CHANGE = {"name", "output_dir", "train.max_steps", "train.epochs", "train.learning_rate", "train.weight_decay",
+              "train.max_grad_norm", "train.warmup_steps", "train.schedule", "train.lora_plus_ratio",
+              "train.eval_every", "train.early_stopping_patience", "train.save_every", "train.keep_checkpoints",
+              "train.log_every", "train.device", "train.precision", "train.compile", "train.gradient_checkpointing",
+              "train.flat_batches"}
+
+
+def claim(out: Path, resume: bool, overwrite: bool) -> Path | None:
+    """Make `out` this run's folder; returns where an older run was moved (overwrite), else None."""
+    out = Path(out)
+    held = [name for name in _RUN_FILES if any(out.glob(name))]
+    if resume or not held:
+        out.mkdir(parents=True, exist_ok=True)
+        return None
+    if not overwrite:
+        raise LorakitError(f"{out} already holds a run ({', '.join(held)}); continue it with --resume, write "
+                           f"to a new folder (--set output_dir=...), or start over with --overwrite (the old run "
+                           "is kept, moved aside)")
+    aside = out.with_name(f"{out.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while aside.exists():
+        aside, n = aside.with_name(f"{aside.name.split('~')[0]}~{n}"), n + 1
+    out.rename(aside)
+    out.mkdir(parents=True)
+    return aside
+
+
+def fingerprint(path: str | None) -> str | None:
+    """sha256 of a data file's bytes (None for no file)."""
+    if not path or not Path(path).is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_record(cfg: RunConfig) -> dict:
+    """The flattened config ("train.batch_size": 8, ...) and the data files' fingerprints."""
+    flat = {}
+    for key, value in cfg.to_dict().items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    flat["data.train.sha256"] = fingerprint(cfg.data.train)
+    flat["data.eval.sha256"] = fingerprint(cfg.data.eval)
+    return flat
+
+
+def resume_changes(saved: dict, now: dict, checkpoint: Path) -> list[str]:
+    """The keys that changed and may ("train.learning_rate: 0.0002 -> 5e-05"); raises if any other did."""
+    if not saved:  # a checkpoint from before run records: nothing to compare
+        return []
+    changed = sorted(k for k in set(saved) | set(now) if _plain(saved.get(k)) != _plain(now.get(k)))
+    refused = [k for k in changed if k not in MAY_CHANGE]
+    if refused:
+        lines = [f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in refused]
+        raise LorakitError(f"--resume from {checkpoint}: the run changed in what defines its data or its model:\n  "
+                           + "\n  ".join(lines) + "\nresume with the checkpoint's values, or start a new run in "
+                           "a new output_dir")
+    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed]
+
+
+def _plain(value):
+    """JSON's view of a value (a checkpoint's record went through JSON: tuples became lists)."""
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
