@@ -106,7 +106,8 @@ def check(out: Path, straight: Path, args: list[str]) -> dict:
     return result
 
 
-def trials(kind: str, n: int, model: Path, data: Path, work: Path, rng: random.Random) -> list[dict]:
+def trials(kind: str, n: int, model: Path, data: Path, work: Path, rng: random.Random, done: list[dict],
+           save) -> list[dict]:
     steps, save_every = (300, 10) if kind == "kill -9" else (40, 1)
     straight = work / f"{kind.replace(' ', '')}-straight"
     run_child(["train", *overrides(model, data, straight, steps, save_every)])
@@ -119,6 +120,7 @@ def trials(kind: str, n: int, model: Path, data: Path, work: Path, rng: random.R
             continue
         rows.append({"kind": kind, **check(out, straight, args)})
         print(f"{kind} {i + 1}/{n}: {rows[-1]}", flush=True)
+        save(done + rows)  # the figures so far, should the run be cut short
     return rows
 
 
@@ -131,7 +133,7 @@ def report(rows: list[dict], seconds: float) -> str:
         lines.append(f"| {kind} | {len(rs)} | {sum(r['latest_complete'] for r in rs)} | "
                      f"{sum(r['usable'] for r in rs)} | {len(resumed)} | {sum(r['max_diff'] == 0 for r in resumed)} | "
                      f"{max((r['max_diff'] for r in resumed), default=0):.1e} |")
-    return "\n".join(lines) + f"\n\n`python benchmarks/faults.py` ({seconds / 60:.0f} min)\n"
+    return "\n".join(lines) + f"\n\n`python benchmarks/faults.py {' '.join(sys.argv[1:])}` ({seconds / 60:.0f} min)\n"
 
 
 def main() -> None:
@@ -142,14 +144,18 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/faults.md"))
     a = p.parse_args()
     started, rng = time.time(), random.Random(a.seed)
+
+    def save(rows: list[dict]) -> str:
+        text = report(rows, time.time() - started)
+        Path(a.out).write_text("# Fault injection\n\n" + text)
+        return text
+
     with tempfile.TemporaryDirectory(prefix="lorakit-faults-") as tmp:
         work = Path(tmp)
         model, data = setup(work)
-        rows = trials("kill -9", a.kills, model, data, work, rng) + trials("term+kill", a.term_kills, model, data,
-                                                                           work, rng)
-    text = report(rows, time.time() - started)
-    print(text)
-    Path(a.out).write_text("# Fault injection\n\n" + text)
+        rows = trials("kill -9", a.kills, model, data, work, rng, [], save)
+        rows += trials("term+kill", a.term_kills, model, data, work, rng, rows, save)
+    print(save(rows))
 
 
 if __name__ == "__main__":

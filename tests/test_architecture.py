@@ -18,7 +18,8 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "lorakit"
 FLOORS = [
-    ["lorakit.errors", "lorakit.atomic", "lorakit._compat"],
+    ["lorakit.errors"],
+    ["lorakit.atomic", "lorakit._compat"],
     ["lorakit.config", "lorakit.layers"],
     ["lorakit.models", "lorakit.data"],
     ["lorakit.adapters"],

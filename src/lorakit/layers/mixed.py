@@ -20,8 +20,9 @@ for the whole batch; only the low-rank part differs per row. Two ways to add tha
 The stacks live in a Stacks store that the caller owns (adapters/rows.py keeps one per model, so that
 every plan and thread reuses them), not on the layer. A stack is valid for the layer's set of adapters
 (layer.generation) and, per used adapter, for frozen A and B with unchanged data pointers and version
-counters; a trainable adapter's stack is rebuilt at every use, since optimizers may change weights
-without bumping version counters (torch's fused AdamW does not).
+counters. A stack holding a trainable adapter is not kept in the store, since optimizers may change
+weights without bumping version counters (torch's fused AdamW does not): it is built once per plan,
+for the forwards of one adapter_rows block, inside which the weights are taken as fixed.
 
 Measured (benchmarks/bench_multi.py): the stacked path is as fast as or faster than the segments for
 any number of adapters, prefill and decoding alike, so it is the default. The row-to-adapter mapping
@@ -72,18 +73,22 @@ class Stacks:
         self._entries: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (stack, gen, versions)
         self._lock = threading.Lock()
 
-    def get(self, layer: nn.Module, used: list[str]) -> Stack:
-        """The layer's stack; only the adapters this batch uses are checked (a stale unused slot is never
-        read, and is caught when a later batch uses it), so a check costs O(adapters in the batch)."""
+    def get(self, layer: nn.Module, used: list[str]) -> tuple[Stack, bool]:
+        """(the layer's stack, whether it is kept here for later calls). Only the adapters this batch uses
+        are checked (a stale unused slot is never read, and is caught when a later batch uses it), so a
+        check costs O(adapters in the batch). A stack holding a trainable adapter is not kept: the caller
+        may keep it for its own call (RowPlan does), when the weights cannot change."""
         hit = self._entries.get(layer)
         if hit is not None and hit[1] == layer.generation:
             versions = hit[2]
             if all(versions.get(n) is not None and versions[n] == _version(layer, n) for n in used):
-                return hit[0]
+                return hit[0], True
         stack, versions = _build(layer)
+        if any(v is None for v in versions.values()):
+            return stack, False
         with self._lock:
             self._entries[layer] = (stack, layer.generation, versions)
-        return stack
+        return stack, True
 
 
 def _build(layer: nn.Module) -> tuple[Stack, dict]:
@@ -117,6 +122,7 @@ class RowPlan:
         self.groups = {name: torch.tensor(ix) for name, ix in groups.items() if name != BASE}
         self.stacks = stacks if stacks is not None else Stacks()
         self._layers: dict[int, tuple] = {}  # id(layer) -> (stack, device, index (B,), gathered or None)
+        self._own: dict[int, tuple] = {}  # id(layer) -> (stack, generation): stacks the store does not keep
 
     def apply(self, layer: nn.Module, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """result (B, ..., out) plus, for each row, the low-rank output of that row's adapter."""
@@ -130,6 +136,18 @@ class RowPlan:
         if can_stack(layer, present):
             return _stacked_forward(layer, x, result, self, present)
         return _segment_forward(layer, x, result, self, present)
+
+    def stack(self, layer: nn.Module, used: list[str]) -> Stack:
+        """The layer's stack for this plan's forwards. Inside one plan (one adapter_rows block: a forward, or
+        the decoding steps of one generate) the weights are taken as fixed, so a stack of trainable adapters,
+        which the shared store rebuilds on every call, is built once per plan."""
+        own = self._own.get(id(layer))
+        if own is not None and own[1] == layer.generation:
+            return own[0]
+        stack, kept = self.stacks.get(layer, used)
+        if not kept:
+            self._own[id(layer)] = (stack, layer.generation)
+        return stack
 
     def gather(self, layer: nn.Module, stack: Stack, device: torch.device):
         """(index (B,), A_sel (B, in, r) or None for embeddings, B_sel (B, r, out)) for this layer's stack.
@@ -179,7 +197,7 @@ def _check_plain(layer: nn.Module, names: list[str]) -> None:
 def _stacked_forward(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, plan: RowPlan,
                      present: list[str]) -> torch.Tensor:
     _check_plain(layer, present)
-    stack = plan.stacks.get(layer, present)
+    stack = plan.stack(layer, present)
     index, A_sel, B_sel = plan.gather(layer, stack, x.device)  # (B,), (B, in, r), (B, r, out)
     n_rows = x.shape[0]
     if layer.kind == "embedding":
