@@ -147,7 +147,7 @@ def _check_factors(factors) -> list[str]:
                 f"factors[{i}]: A is {tuple(A.shape)} and B is {tuple(B.shape)}; "
                 "A's rows and B's columns must both be the rank r >= 1 (A is (r, in), B is (out, r))"
             )
-        elif not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        elif not A.is_meta and not B.is_meta and not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             problems.append(f"factors[{i}] holds NaN/Inf: the adapter is broken (did its training diverge?)")
         else:
             shapes.append((i, (B.shape[0], A.shape[1]), A.device))
