@@ -26,8 +26,8 @@ def test_unknown_field_suggests_the_right_name():
 
 
 def test_missing_target_modules_and_bad_regex():
-    with pytest.raises(LorakitError, match="target_modules is required"):
-        LoraConfig()
+    with pytest.raises(LorakitError, match="Please specify `target_modules`"):
+        lorakit.add_adapter(torch.nn.Sequential(torch.nn.Linear(2, 2)), LoraConfig())  # a plain module has no default targets
     with pytest.raises(LorakitError, match="not a valid regular expression"):
         LoraConfig(target_modules="q_proj(")
 
