@@ -47,7 +47,7 @@ def _layer_index_ok(config: LoraConfig, name: str) -> bool:
 
 
 def layer_kind(module: nn.Module) -> str | None:
-    """The layer's family ('linear' | 'conv1d' | 'embedding'), looking through a LoraLayer (already
+    """The layer's family ('linear' | 'conv1d' | 'embedding' | 'conv'), looking through a LoraLayer (already
     wrapped modules take more adapters); None for a module LoRA cannot wrap."""
     if isinstance(module, LoraLayer):
         return module.kind

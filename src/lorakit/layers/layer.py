@@ -14,7 +14,8 @@ agree to float rounding. For speed the low-rank term is accumulated into the bas
 (addmm, in place outside autograd) instead of PEFT's separate product, scale and add; see
 _apply_adapter; training with one plain adapter goes through one autograd node per layer (fused.py).
 For nn.Embedding PEFT's convention holds: A (r, num_embeddings) is the zero-initialised factor and
-B (dim, r) the random one.
+B (dim, r) the random one. For convolutions (family "conv") too: A is a conv with the base's kernel,
+stride and padding, (r, in, *k), and B a 1x1 conv with the base's groups, (out, r/groups, 1, ...).
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ class LoraLayer(nn.Module):
         kind.prepare(base_layer)
         self.base_layer = base_layer
         self.base_kind = kind
-        self.kind = kind.family  # "linear" | "conv1d" | "embedding": the adapters' shape convention
+        self.kind = kind.family  # "linear" | "conv1d" | "embedding" | "conv": the adapters' shape convention
         self.in_features, self.out_features = kind.features(base_layer)
         self.lora_A = nn.ParameterDict()  # name -> (r, in)
         self.lora_B = nn.ParameterDict()  # name -> (out, r)
@@ -113,7 +114,7 @@ class LoraLayer(nn.Module):
         if variant is not None:
             variant.check(self)
         dev, dtype = self._param_device_dtype()
-        A, B = torch.empty(r, self.in_features), torch.empty(self.out_features, r)
+        A, B = self._factor_shapes(r)
         if self.kind == "embedding":  # PEFT: randn, then zeros(A) / normal(B)
             A.normal_(), B.normal_()
         else:  # PEFT: nn.Linear(in, r) and nn.Linear(r, out) draw their default init first
@@ -136,6 +137,18 @@ class LoraLayer(nn.Module):
                 if name in store:
                     store[name].data = store[name].data.float()
 
+    def _factor_shapes(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Empty A and B in this layer's convention (see the module docstring)."""
+        if self.kind != "conv":
+            return torch.empty(r, self.in_features), torch.empty(self.out_features, r)
+        base = self.base_layer
+        if r % base.groups:
+            raise LorakitError(f"{self._label()} has groups={base.groups}, which must divide r={r}; choose r as a "
+                               "multiple of the groups or leave this layer out of target_modules")
+        ones = (1,) * len(base.kernel_size)
+        return torch.empty(r, self.in_features, *base.kernel_size), torch.empty(self.out_features, r // base.groups,
+                                                                                *ones)
+
     def _reset(self, name: str, init: bool | str) -> None:
         A, B = self.lora_A[name], self.lora_B[name]
         if self.kind == "embedding":
@@ -148,7 +161,7 @@ class LoraLayer(nn.Module):
     @torch.no_grad()
     def _pissa_init(self, name: str, init: str) -> None:
         """PiSSA: A, B from the top-r singular triplets of W; the base keeps the residual W - s·BA."""
-        if self.kind == "embedding":
+        if self.kind in ("embedding", "conv"):
             raise LorakitError("init_lora_weights='pissa' is supported for linear layers only")
         W = self.dense_weight().float()  # (out, in)
         r, s = self.r[name], self.scaling[name]
@@ -197,10 +210,25 @@ class LoraLayer(nn.Module):
         low_cpu = A.device.type == "cpu" and A.dtype in (torch.float16, torch.bfloat16)
         if low_cpu:
             A, B = A.float(), B.float()
-        delta = B @ A * self.scaling[name]  # (out, in)
+        if self.kind == "conv":
+            delta = self._conv_delta(A, B) * self.scaling[name]
+        else:
+            delta = B @ A * self.scaling[name]  # (out, in)
         if self.kind == "embedding":
             delta = delta.T  # (num_embeddings, dim)
         return delta.to(self.lora_A[name].dtype) if low_cpu else delta
+
+    def _conv_delta(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """B∘A as one conv weight (out, in, *k): B's 1x1 mixing applied to A's kernels (PEFT's formula)."""
+        base = self.base_layer
+        if base.groups > 1:
+            raise LorakitError(f"{self._label()} has groups={base.groups}: merging LoRA into a grouped convolution "
+                               "is not supported (as in PEFT); keep the adapter unmerged")
+        if all(k == 1 for k in base.kernel_size):  # (out, r) @ (r, in), then the 1x1 kernel dims back
+            ones = (1,) * len(base.kernel_size)
+            return (B.flatten(1) @ A.flatten(1)).reshape(B.shape[0], A.shape[1], *ones)
+        # conv of A's kernels, seen as a batch of `in` images with r channels, by B: (in, out, *k) -> (out, in, *k)
+        return self.base_kind.conv_fn(A.transpose(0, 1), B).transpose(0, 1)
 
     def live_adapters(self) -> list[str]:
         """The active adapters that run in forward: present in this layer and not merged."""
@@ -216,6 +244,9 @@ class LoraLayer(nn.Module):
             return result
         plan = _ROW_PLAN.get()
         if plan is not None:
+            if self.kind == "conv":
+                raise LorakitError(f"mixed-adapter batches (adapter_names) are not supported for convolution "
+                                   f"layers ({self._label()}); run one adapter per batch")
             return plan.apply(self, x, result)
         out_dtype = result.dtype
         # PEFT's bnb layers add fp32 adapter outputs in the base's dtype: cast_to for quantized bases
@@ -268,6 +299,11 @@ class LoraLayer(nn.Module):
         dropout = self.lora_dropout[name]
         if name in self.variants:
             return self.variants[name].apply(self, name, x, result, dropout, owned)
+        if self.kind == "conv":  # PEFT: lora_B(lora_A(dropout(x))) * s, A and B convolutions
+            base, conv = self.base_layer, self.base_kind.conv_fn
+            after_A = conv(dropout(x), A, None, base.stride, base.padding)  # (N, r, *spatial)
+            delta = conv(after_A, B, None, 1, 0, 1, base.groups) * s  # (N, out, *spatial)
+            return result + (delta.to(cast_to) if cast_to is not None else delta), True
         after_A = F.linear(dropout(x), A)  # (..., r)
         if not (result.dtype == after_A.dtype == B.dtype and result.is_contiguous()):  # fp32 adapters, bf16 base
             delta = F.linear(after_A, B) * s
