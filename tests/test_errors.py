@@ -35,8 +35,8 @@ def test_missing_target_modules_and_bad_regex():
 def test_unsupported_peft_feature_is_named():
     with pytest.raises(LorakitError, match="init_lora_weights must be one of"):
         LoraConfig(target_modules=["q_proj"], init_lora_weights="olora")
-    with pytest.raises(LorakitError, match="lora_bias=True: this PEFT feature is not implemented"):
-        LoraConfig(target_modules=["q_proj"], lora_bias=True)
+    with pytest.raises(LorakitError, match="use_qalora=True: this PEFT feature is not implemented"):
+        LoraConfig(target_modules=["q_proj"], use_qalora=True)
 
 
 def test_no_module_matched_names_the_closest():

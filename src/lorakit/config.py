@@ -47,7 +47,7 @@ _TASK_TYPES = (None, "CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUEST
 _UNSUPPORTED_OFF = {
     "megatron_config": None, "trainable_token_indices": None, "eva_config": None, "corda_config": None,
     "lora_ga_config": None, "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False,
-    "monteclora_config": None, "layer_replication": None, "lora_bias": False, "target_parameters": None,
+    "monteclora_config": None, "layer_replication": None, "target_parameters": None,
     "use_bdlora": None, "arrow_config": None, "kasa_config": None, "runtime_config": None,
 }
 
@@ -187,7 +187,7 @@ class LoraConfig:
             if getattr(self, name) not in (off, None, {}, []):
                 p.append((name, f"{name}={getattr(self, name)!r}: this PEFT feature is not implemented by lorakit; "
                           f"leave it at {off!r}"))
-        for name in ("use_dora", "use_rslora", "lora_fa", "fan_in_fan_out", "inference_mode"):
+        for name in ("use_dora", "use_rslora", "lora_fa", "fan_in_fan_out", "inference_mode", "lora_bias"):
             if not isinstance(getattr(self, name), bool):
                 p.append((name, f"{name} must be true or false (got {getattr(self, name)!r})"))
         if self.use_dora is True and self.lora_fa is True:

@@ -69,7 +69,8 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", act
         layer = wrap(model, target)
         layer.add(name, r=config.rank_for(target), scaling=config.scaling_for(target),
                   dropout=config.lora_dropout, init=config.init_lora_weights,
-                  variant=DoRA() if config.use_dora else None, upcast=autocast_adapter_dtype)
+                  variant=DoRA() if config.use_dora else None, upcast=autocast_adapter_dtype,
+                  bias=config.lora_bias)
         if config.lora_fa:  # LoRA-FA (Zhang et al. 2023): A stays at its random init; only B trains
             layer.lora_A[name].requires_grad_(False)
     if config.modules_to_save:
@@ -112,7 +113,7 @@ def set_trainable(model: nn.Module, name: str, flag: bool) -> None:
     A stays frozen for LoRA-FA."""
     fa = configs(model)[name].lora_fa if name in configs(model) else False
     for _, layer in lora_layers(model):
-        for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector):
+        for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector, layer.lora_bias):
             if name in store:
                 store[name].requires_grad_(flag and not (fa and store is layer.lora_A))
     for _, mod in _saved_modules(model):
