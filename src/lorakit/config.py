@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import json
 import math
 import re
@@ -22,6 +23,23 @@ from .atomic import atomic_write_text
 from .errors import LorakitError
 
 CONFIG_NAME = "adapter_config.json"
+
+
+class PeftType(str, enum.Enum):
+    """PEFT's method names; lorakit implements LORA. A str: it equals "LORA" and is written as such."""
+    LORA = "LORA"
+
+
+class TaskType(str, enum.Enum):
+    """PEFT's task types: a str enum, so TaskType.CAUSAL_LM == "CAUSAL_LM" and .value works as in PEFT."""
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
 ALL_LINEAR = "all-linear"
 _INIT_CHOICES = (True, False, "gaussian", "pissa")
 _TASK_TYPES = (None, "CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
@@ -29,7 +47,7 @@ _TASK_TYPES = (None, "CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUEST
 _UNSUPPORTED_OFF = {
     "megatron_config": None, "trainable_token_indices": None, "eva_config": None, "corda_config": None,
     "lora_ga_config": None, "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False,
-    "monteclora_config": None, "layer_replication": None, "lora_bias": False, "target_parameters": None,
+    "monteclora_config": None, "layer_replication": None, "target_parameters": None,
     "use_bdlora": None, "arrow_config": None, "kasa_config": None, "runtime_config": None,
 }
 
@@ -41,7 +59,13 @@ class LoraConfig:
     scaling s = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora.
     target_modules: a list (exact name or dotted suffix), a string (full-name regex) or "all-linear".
     lora_fa (ours): freeze A after init and train only B (LoRA-FA); not written to adapter_config.json.
+    target_modules=None means "the default targets of this architecture" (models/targets.py), resolved
+    when the adapter is added, as in PEFT.
     """
+
+    # PEFT's read-only facts about the method (LoRA is neither prompt learning nor adaption prompt)
+    is_prompt_learning = False
+    is_adaption_prompt = False
 
     # PEFT bookkeeping
     task_type: str | None = None
@@ -114,8 +138,10 @@ class LoraConfig:
             self.exclude_modules = sorted(self.exclude_modules)
         if isinstance(self.modules_to_save, (set, tuple)):
             self.modules_to_save = list(self.modules_to_save)
-        if isinstance(self.task_type, str):
-            self.task_type = self.task_type.upper()
+        if isinstance(self.task_type, str) and self.task_type.upper() in TaskType.__members__:
+            self.task_type = TaskType(self.task_type.upper())
+        if isinstance(self.peft_type, str) and self.peft_type in PeftType.__members__:
+            self.peft_type = PeftType(self.peft_type)
 
     def problems(self) -> list[str]:
         """Every problem the config has on its own (no model needed)."""
@@ -133,7 +159,7 @@ class LoraConfig:
             p.append(("lora_dropout", f"lora_dropout must be in [0, 1) (got {self.lora_dropout!r})"))
         if self.bias not in ("none", "all", "lora_only"):
             p.append(("bias", f"bias must be 'none', 'all' or 'lora_only' (got {self.bias!r})"))
-        p += [("target_modules", m) for m in _targets_problems("target_modules", self.target_modules, required=True)]
+        p += [("target_modules", m) for m in _targets_problems("target_modules", self.target_modules)]
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             p.append(("layers_to_transform", "layers_to_transform cannot be used with a regex target_modules; put "
                       "the layer index in the regex (e.g. r'.*layers\\.1\\..*q_proj') or give target_modules as a list"))
@@ -161,7 +187,7 @@ class LoraConfig:
             if getattr(self, name) not in (off, None, {}, []):
                 p.append((name, f"{name}={getattr(self, name)!r}: this PEFT feature is not implemented by lorakit; "
                           f"leave it at {off!r}"))
-        for name in ("use_dora", "use_rslora", "lora_fa", "fan_in_fan_out", "inference_mode"):
+        for name in ("use_dora", "use_rslora", "lora_fa", "fan_in_fan_out", "inference_mode", "lora_bias"):
             if not isinstance(getattr(self, name), bool):
                 p.append((name, f"{name} must be true or false (got {getattr(self, name)!r})"))
         if self.use_dora is True and self.lora_fa is True:
@@ -188,13 +214,14 @@ class LoraConfig:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
              if f.name not in ("lora_fa", "runtime_config")}
         d["inference_mode"] = True  # PEFT writes saved adapters in inference mode
+        d.update({k: d[k].value for k in ("task_type", "peft_type") if isinstance(d[k], enum.Enum)})
         return d
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "LoraConfig":
         """Build from a PEFT adapter_config.json dict. Unknown keys from newer PEFT versions are ignored
         when they hold an 'off' value (null, false, empty), and are an error otherwise."""
-        if d.get("peft_type", "LORA") != "LORA":
+        if d.get("peft_type") not in (None, "LORA"):
             raise LorakitError(f"{source}: peft_type is {d.get('peft_type')!r}; lorakit loads only LoRA adapters")
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs, problems = {}, []
@@ -264,10 +291,9 @@ def _number(x) -> bool:
 
 
 def _targets_problems(field_name: str, spec, required: bool = False) -> list[str]:
-    """target_modules / exclude_modules: a list of names, a regex, or "all-linear"."""
+    """target_modules / exclude_modules: a list of names, a regex, or "all-linear" (None: the default)."""
     if spec is None:
-        return [f"{field_name} is required: a list such as ['q_proj', 'v_proj'], a regex, or 'all-linear'"] \
-            if required else []
+        return []
     if isinstance(spec, str):
         return _regex_problem(field_name, spec)
     if not isinstance(spec, list) or not all(isinstance(t, str) for t in spec):

@@ -68,6 +68,9 @@ def _disk_key(mem_key: str, name: str, embedding_layers: set[str]) -> str | None
         module, part = m.groups()
         part = "magnitude" if part == "magnitude_vector" else part
         return factor_key(module, part, module in embedding_layers)
+    m = re.fullmatch(rf"(.*)\.lora_bias\.{re.escape(name)}", mem_key)
+    if m:  # PEFT's lora_bias=True: B's bias
+        return f"{m.group(1)}.lora_B.bias"
     m = re.fullmatch(rf"(.*)\.modules_to_save\.{re.escape(name)}\.(.*)", mem_key)
     if m:
         return f"{m.group(1)}.{m.group(2)}"
@@ -83,11 +86,12 @@ def _embedding_targeted(model: nn.Module, config: LoraConfig) -> bool:
 
 
 def adapter_state_dict(model: nn.Module, name: str = "default", save_embedding_layers: bool | str = "auto",
-                       prefix: str = PREFIX) -> dict[str, torch.Tensor]:
-    """The tensors of adapter `name` under PEFT's on-disk keys."""
+                       prefix: str = PREFIX, state: dict | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of adapter `name` under PEFT's on-disk keys (taken from `state`, a state dict of
+    `model` under its own names, when given: e.g. one gathered from a sharded copy)."""
     config = manage.configs(model)[name]
     embedding_layers = {n for n, layer in manage.lora_layers(model) if layer.kind == "embedding"}
-    state = model.state_dict()
+    state = model.state_dict() if state is None else state
     out = {}
     for key, value in state.items():
         disk = _disk_key(key, name, embedding_layers)
@@ -169,13 +173,16 @@ def read_adapter(directory: str | Path) -> tuple[LoraConfig, dict[str, torch.Ten
 
 
 def load_adapter(model: nn.Module, directory: str | Path, name: str = "default", is_trainable: bool = False,
-                 activate: bool = True) -> nn.Module:
-    """Add adapter `name` from a folder written by lorakit or PEFT, checking every key and shape."""
-    config, tensors = read_adapter(directory)
+                 activate: bool = True, config: LoraConfig | None = None,
+                 autocast_adapter_dtype: bool = True) -> nn.Module:
+    """Add adapter `name` from a folder written by lorakit or PEFT, checking every key and shape; with
+    `config`, the folder's tensors load under that config instead of the folder's own."""
+    file_config, tensors = read_adapter(directory)
+    config = file_config if config is None else config
     init_config = config.replace(init_lora_weights=False, inference_mode=not is_trainable)
     state = _strip_prefix(tensors)
     try:
-        manage.add_adapter(model, init_config, name, activate=activate)
+        manage.add_adapter(model, init_config, name, activate=activate, autocast_adapter_dtype=autocast_adapter_dtype)
     except LorakitError as e:
         raise LorakitError(f"the adapter in {directory} does not fit this model (was it trained on another base "
                            f"model? it names {config.base_model_name_or_path!r}):\n{e}") from None
@@ -205,20 +212,27 @@ def _strip_prefix(tensors: dict) -> dict:
     return {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in tensors.items()}
 
 
-def _copy_in(model: nn.Module, state: dict, name: str, source: str) -> None:
+def adapter_targets(model: nn.Module, name: str) -> tuple[dict, dict]:
+    """({disk key (PREFIX stripped): tensor} of adapter `name`, all parameters and buffers by name); buffers
+    count: a modules_to_save BatchNorm's running statistics are saved and loaded like its weights."""
     embedding_layers = {n for n, layer in manage.lora_layers(model) if layer.kind == "embedding"}
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = {**dict(model.named_buffers(remove_duplicate=False)), **dict(model.named_parameters(remove_duplicate=False))}
     wanted = {}  # disk key -> in-memory parameter
     for key, p in params.items():
         disk = _disk_key(key, name, embedding_layers)
         if disk is not None:
             wanted[disk] = p
+    return wanted, params
+
+
+def _copy_in(model: nn.Module, state: dict, name: str, source: str) -> None:
+    wanted, params = adapter_targets(model, name)
     problems = []
     missing = [k for k in wanted if k not in state]
     if missing:
         problems.append(f"{len(missing)} adapter tensor(s) missing from the file, e.g. {missing[:3]}")
     for key, value in state.items():
-        target = _target(wanted, params, key)
+        target = load_target(wanted, params, key)
         if target is None:
             problems.append(f"tensor {key!r} matches no module of this model (was the adapter trained on "
                             f"another base model?)")
@@ -229,11 +243,11 @@ def _copy_in(model: nn.Module, state: dict, name: str, source: str) -> None:
                          f"{source} does not fit this model:")
     with torch.no_grad():
         for key, value in state.items():
-            target = _target(wanted, params, key)
+            target = load_target(wanted, params, key)
             target.copy_(value.to(target.dtype))
 
 
-def _target(wanted: dict, params: dict, key: str):
+def load_target(wanted: dict, params: dict, key: str):
     """The parameter a file key loads into: an adapter tensor, a base parameter (bias, embedding) under
     its own name, or one saved under the unwrapped name that now lives at '.base_layer.'."""
     for found in (wanted.get(key), params.get(key)):

@@ -18,6 +18,7 @@ from ..config import ALL_LINEAR, LoraConfig, pattern_key
 from ..errors import LorakitError
 from ..layers import LoraLayer, kind_of
 from ..models.heads import output_head_name
+from ..models.targets import default_targets, model_type
 
 
 def _matches(spec, name: str) -> bool:
@@ -46,7 +47,7 @@ def _layer_index_ok(config: LoraConfig, name: str) -> bool:
 
 
 def layer_kind(module: nn.Module) -> str | None:
-    """The layer's family ('linear' | 'conv1d' | 'embedding'), looking through a LoraLayer (already
+    """The layer's family ('linear' | 'conv1d' | 'embedding' | 'conv'), looking through a LoraLayer (already
     wrapped modules take more adapters); None for a module LoRA cannot wrap."""
     if isinstance(module, LoraLayer):
         return module.kind
@@ -69,9 +70,23 @@ def expand_all_linear(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
+def resolve_targets(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """The config with target_modules=None replaced by the architecture's default (PEFT's rule)."""
+    if config.target_modules is not None:
+        return config
+    found = default_targets(model)
+    if found is None:
+        kind = model_type(model)
+        what = f"model_type {kind!r}" if kind else f"a {type(model).__name__} (not a transformers model)"
+        raise LorakitError(f"Please specify `target_modules` in `peft_config`: lorakit has no default target "
+                           f"modules for {what}; name the layers, e.g. target_modules=['q_proj', 'v_proj'], a "
+                           "regex, or 'all-linear'")
+    return config.replace(target_modules=found)
+
+
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Names of the modules to wrap, in model order. Raises one error listing every problem."""
-    spec = config.target_modules
+    spec = resolve_targets(model, config).target_modules
     if spec == ALL_LINEAR:
         spec = expand_all_linear(model)
     saved = config.modules_to_save or []

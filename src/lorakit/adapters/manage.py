@@ -9,6 +9,7 @@ in and out; merge_and_unload / unload return a plain model with no lorakit modul
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterator
 
 from torch import nn
@@ -16,7 +17,7 @@ from torch import nn
 from ..config import ALL_LINEAR, LoraConfig
 from ..errors import LorakitError
 from ..layers import DoRA, LoraLayer
-from .inject import ModulesToSave, find_targets, layer_kind, unwrap, wrap, wrap_modules_to_save
+from .inject import ModulesToSave, find_targets, resolve_targets, layer_kind, unwrap, wrap, wrap_modules_to_save
 
 CONFIGS_ATTR = "lorakit_configs"
 
@@ -41,7 +42,8 @@ def _saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
 def _check_name(model: nn.Module, name: str, must_exist: bool) -> None:
     have = configs(model)
     if must_exist and name not in have:
-        raise LorakitError(f"no adapter named {name!r}; this model has {sorted(have) or 'none'}")
+        raise LorakitError(f"Adapter {name} does not exist: no adapter named {name!r}; this model has "
+                           f"{sorted(have) or 'none'}")
     if not must_exist and name in have:
         raise LorakitError(f"an adapter named {name!r} already exists; pick another name or delete it first")
 
@@ -56,6 +58,8 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", act
     _check_name(model, name, must_exist=False)
     if not isinstance(config, LoraConfig):
         raise LorakitError(f"expected a lorakit LoraConfig, got {type(config).__name__}")
+    _check_bias(model, config, name)
+    config = resolve_targets(model, config)
     targets = find_targets(model, config)
     if config.target_modules == ALL_LINEAR:  # PEFT records the expanded module names
         config = config.replace(target_modules=sorted(targets))
@@ -65,7 +69,8 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", act
         layer = wrap(model, target)
         layer.add(name, r=config.rank_for(target), scaling=config.scaling_for(target),
                   dropout=config.lora_dropout, init=config.init_lora_weights,
-                  variant=DoRA() if config.use_dora else None, upcast=autocast_adapter_dtype)
+                  variant=DoRA() if config.use_dora else None, upcast=autocast_adapter_dtype,
+                  bias=config.lora_bias)
         if config.lora_fa:  # LoRA-FA (Zhang et al. 2023): A stays at its random init; only B trains
             layer.lora_A[name].requires_grad_(False)
     if config.modules_to_save:
@@ -77,6 +82,14 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", act
     else:
         set_trainable(model, name, False)
     return model
+
+
+def _check_bias(model: nn.Module, config: LoraConfig, name: str) -> None:
+    """Biases are shared by all adapters, so at most one adapter may train them (PEFT's rule)."""
+    biased = [n for n, c in configs(model).items() if c.bias != "none"] + ([name] if config.bias != "none" else [])
+    if len(biased) > 1:
+        raise LorakitError(f"adapters {biased} all train biases (bias != 'none'), but only one adapter of a model "
+                           "may (the base biases are shared by all adapters); set bias='none' for the others")
 
 
 def _freeze_base(model: nn.Module, config: LoraConfig) -> None:
@@ -100,7 +113,7 @@ def set_trainable(model: nn.Module, name: str, flag: bool) -> None:
     A stays frozen for LoRA-FA."""
     fa = configs(model)[name].lora_fa if name in configs(model) else False
     for _, layer in lora_layers(model):
-        for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector):
+        for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector, layer.lora_bias):
             if name in store:
                 store[name].requires_grad_(flag and not (fa and store is layer.lora_A))
     for _, mod in _saved_modules(model):
@@ -144,13 +157,26 @@ def disable_adapters(model: nn.Module):
             m.disabled = flag
 
 
+def set_disabled(model: nn.Module, flag: bool) -> None:
+    """Switch every adapter off (the model computes as its base; merged ones are unmerged) or back on."""
+    for _, layer in lora_layers(model):
+        if flag and layer.merged_adapters:
+            layer.unmerge()
+        layer.disabled = flag
+    for _, mod in _saved_modules(model):
+        mod.disabled = flag
+
+
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove every trace of adapter `name`; layers left with no adapter go back to their base layer."""
     _check_name(model, name, must_exist=True)
+    if any(name in layer.merged_adapters for _, layer in lora_layers(model)):  # checked before anything changes
+        raise LorakitError(f"Cannot delete adapter(s) {[name]} while they are merged. Please unmerge them first.")
     for _, layer in lora_layers(model):
         layer.delete(name)
     for _, mod in _saved_modules(model):
-        mod.modules_to_save.pop(name, None)
+        if name in mod.modules_to_save:
+            del mod.modules_to_save[name]
         if mod.active_adapter == name:
             mod.active_adapter = None
     del configs(model)[name]
@@ -165,7 +191,12 @@ def merge(model: nn.Module, names: list[str] | None = None, safe_merge: bool = F
     """Fold adapters (default: the active ones) into the base weights; zero added latency."""
     for n in names or []:
         _check_name(model, n, must_exist=True)
-    for _, layer in lora_layers(model):
+    layers = [layer for _, layer in lora_layers(model)]
+    wanted = lambda layer: [n for n in (names or layer.active_adapters) if n in layer.lora_A]  # noqa: E731
+    if layers and all(set(wanted(layer)) <= set(layer.merged_adapters) for layer in layers):
+        warnings.warn("All adapters are already merged, nothing to do.", UserWarning, stacklevel=2)
+        return
+    for layer in layers:
         layer.merge(names, safe=safe_merge)
 
 

@@ -66,6 +66,10 @@ def _check_model(model, names, weights, method, rank, new_name, density, majorit
         broken = [n for n in dict.fromkeys(known) if n in layer.lora_A and not all(
             torch.isfinite(t).all() for t in (layer.lora_A[n], layer.lora_B[n]))]
         problems += [f"adapter {n!r} holds NaN/Inf in {mod}: it is broken (did its training diverge?)" for n in broken]
+    biased = [n for n in dict.fromkeys(known) if cfgs[n].lora_bias or any(
+        n in layer.lora_bias for _, layer in manage.lora_layers(model))]
+    problems += [f"adapter {n!r} has lora_bias=True: combining adapters with a B bias is not supported; combine "
+                 "adapters trained with lora_bias=False" for n in biased]
     dora = [n for n in known if cfgs[n].use_dora]
     if dora and any(layer.merged_adapters for _, layer in manage.lora_layers(model)):
         problems.append(f"DoRA adapter(s) {dora} need the base weights, but some adapters are merged into them; "

@@ -19,7 +19,7 @@ from .mixed import BASE, RowPlan, Stacks
 
 
 def layer_kind(module) -> str | None:
-    """'linear' | 'conv1d' | 'embedding' for a module LoRA can wrap, else None."""
+    """'linear' | 'conv1d' | 'embedding' | 'conv' for a module LoRA can wrap, else None."""
     kind = kind_of(module)
     return kind.family if kind is not None else None
 

@@ -5,7 +5,9 @@ type (a quantized linear, a convolution) plugs in without touching the LoRA math
 
     family      the adapter's shape convention: "linear" (A (r, in), B (out, r)), "conv1d" (the same,
                 for GPT-2's Conv1D whose weight is stored (in, out)), "embedding" (PEFT's convention:
-                A (r, num_embeddings), B (dim, r))
+                A (r, num_embeddings), B (dim, r)), "conv" (nn.Conv1d/2d/3d, PEFT's convention: A is a
+                conv with the base's kernel, stride and padding, (r, in, *k); B a 1x1 conv with the base's
+                groups, (out, r/groups, 1, ...))
     quantized   whether the stored weight is not the dense one (adapters then stay fp32)
     matches(m)  whether module m is of this kind
     features(m) (in, out) as the adapter sees them
@@ -80,7 +82,23 @@ class EmbeddingKind(BaseKind):
         return module.num_embeddings, module.embedding_dim
 
 
-_KINDS: list[BaseKind] = [BaseKind(), Conv1DKind(), EmbeddingKind()]
+class ConvKind(BaseKind):
+    """nn.Conv1d / nn.Conv2d / nn.Conv3d (grouped too); the dense weight is the conv's (out, in/groups, *k)."""
+
+    family = "conv"
+
+    def __init__(self, cls: type, conv_fn):
+        self.cls, self.name, self.conv_fn = cls, cls.__name__.lower(), conv_fn
+
+    def matches(self, module: nn.Module) -> bool:
+        return isinstance(module, self.cls)
+
+    def features(self, module: nn.Module) -> tuple[int, int]:
+        return module.in_channels, module.out_channels
+
+
+_KINDS: list[BaseKind] = [BaseKind(), Conv1DKind(), EmbeddingKind(), ConvKind(nn.Conv1d, torch.conv1d),
+                          ConvKind(nn.Conv2d, torch.conv2d), ConvKind(nn.Conv3d, torch.conv3d)]
 
 
 def register(kind: BaseKind) -> BaseKind:

@@ -61,6 +61,9 @@ class DoRA(Variant):
         if layer.kind == "embedding":
             raise LorakitError("DoRA on nn.Embedding is not supported by lorakit; leave the embedding out of "
                                "target_modules or set use_dora=False")
+        if layer.kind == "conv":
+            raise LorakitError(f"DoRA on convolutions ({type(layer.base_layer).__name__}) is not supported by "
+                               "lorakit yet; leave the conv layers out of target_modules or set use_dora=False")
 
     @torch.no_grad()
     def added(self, layer: nn.Module, name: str) -> None:

@@ -14,7 +14,8 @@ agree to float rounding. For speed the low-rank term is accumulated into the bas
 (addmm, in place outside autograd) instead of PEFT's separate product, scale and add; see
 _apply_adapter; training with one plain adapter goes through one autograd node per layer (fused.py).
 For nn.Embedding PEFT's convention holds: A (r, num_embeddings) is the zero-initialised factor and
-B (dim, r) the random one.
+B (dim, r) the random one. For convolutions (family "conv") too: A is a conv with the base's kernel,
+stride and padding, (r, in, *k), and B a 1x1 conv with the base's groups, (out, r/groups, 1, ...).
 """
 
 from __future__ import annotations
@@ -87,11 +88,12 @@ class LoraLayer(nn.Module):
         kind.prepare(base_layer)
         self.base_layer = base_layer
         self.base_kind = kind
-        self.kind = kind.family  # "linear" | "conv1d" | "embedding": the adapters' shape convention
+        self.kind = kind.family  # "linear" | "conv1d" | "embedding" | "conv": the adapters' shape convention
         self.in_features, self.out_features = kind.features(base_layer)
         self.lora_A = nn.ParameterDict()  # name -> (r, in)
         self.lora_B = nn.ParameterDict()  # name -> (out, r)
         self.lora_magnitude_vector = nn.ParameterDict()  # a variant's per-row vector (DoRA: name -> (out,))
+        self.lora_bias = nn.ParameterDict()  # name -> (out,): B's bias, PEFT's lora_bias=True (saved as lora_B.bias)
         self.lora_dropout = nn.ModuleDict()
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
@@ -101,23 +103,39 @@ class LoraLayer(nn.Module):
         self.disabled = False
         self.generation = 0  # counts additions and deletions of adapters (what a router's stacks key on)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (as PEFT's wrapped layers expose it; merges change it in place)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
     # -- adapters ------------------------------------------------------------------------------------
 
     def add(self, name: str, r: int, scaling: float, dropout: float = 0.0, init: bool | str = True,
-            variant: Variant | None = None, upcast: bool = True) -> None:
+            variant: Variant | None = None, upcast: bool = True, bias: bool = False) -> None:
         """Create adapter `name`. RNG use mirrors PEFT so the same seed gives the same weights.
 
         upcast: on a bf16/fp16 base, keep the adapter in fp32 (PEFT's autocast_adapter_dtype=True);
         like PEFT, the values pass through the base dtype first, so both round identically.
+        bias: B gets a bias (PEFT's lora_bias), drawn like nn.Linear's after B's weight, zero on init.
         """
         if variant is not None:
             variant.check(self)
+        if bias and (self.kind == "embedding" or variant is not None):
+            raise LorakitError(f"lora_bias=True is not supported for {self._label()}"
+                               f"{' with DoRA' if variant is not None else ''}; set lora_bias=False")
         dev, dtype = self._param_device_dtype()
-        A, B = torch.empty(r, self.in_features), torch.empty(self.out_features, r)
+        A, B = self._factor_shapes(r)
         if self.kind == "embedding":  # PEFT: randn, then zeros(A) / normal(B)
             A.normal_(), B.normal_()
         else:  # PEFT: nn.Linear(in, r) and nn.Linear(r, out) draw their default init first
             nn.init.kaiming_uniform_(A, a=math.sqrt(5)), nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+        if bias:  # nn.Linear / nn.ConvNd draw the bias after the weight: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            bound = 1 / math.sqrt(B[0].numel())
+            self.lora_bias[name] = nn.Parameter(torch.empty(self.out_features).uniform_(-bound, bound))
         self.lora_A[name], self.lora_B[name] = nn.Parameter(A), nn.Parameter(B)
         self.r[name], self.scaling[name] = r, scaling
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -128,16 +146,32 @@ class LoraLayer(nn.Module):
             self._reset(name, init)
         self.lora_A[name].data = self.lora_A[name].data.to(dev, dtype)
         self.lora_B[name].data = self.lora_B[name].data.to(dev, dtype)
+        if bias:
+            self.lora_bias[name].data = self.lora_bias[name].data.to(dev, dtype)
         if variant is not None:
             self.variants[name] = variant
             variant.added(self, name)
         if upcast and dtype in (torch.float16, torch.bfloat16):
-            for store in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
+            for store in (self.lora_A, self.lora_B, self.lora_magnitude_vector, self.lora_bias):
                 if name in store:
                     store[name].data = store[name].data.float()
 
+    def _factor_shapes(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Empty A and B in this layer's convention (see the module docstring)."""
+        if self.kind != "conv":
+            return torch.empty(r, self.in_features), torch.empty(self.out_features, r)
+        base = self.base_layer
+        if r % base.groups:
+            raise LorakitError(f"{self._label()} has groups={base.groups}, which must divide r={r}; choose r as a "
+                               "multiple of the groups or leave this layer out of target_modules")
+        ones = (1,) * len(base.kernel_size)
+        return torch.empty(r, self.in_features, *base.kernel_size), torch.empty(self.out_features, r // base.groups,
+                                                                                *ones)
+
     def _reset(self, name: str, init: bool | str) -> None:
         A, B = self.lora_A[name], self.lora_B[name]
+        if name in self.lora_bias:
+            nn.init.zeros_(self.lora_bias[name])
         if self.kind == "embedding":
             nn.init.zeros_(A), nn.init.normal_(B)
         elif init is True:
@@ -148,7 +182,7 @@ class LoraLayer(nn.Module):
     @torch.no_grad()
     def _pissa_init(self, name: str, init: str) -> None:
         """PiSSA: A, B from the top-r singular triplets of W; the base keeps the residual W - s·BA."""
-        if self.kind == "embedding":
+        if self.kind in ("embedding", "conv"):
             raise LorakitError("init_lora_weights='pissa' is supported for linear layers only")
         W = self.dense_weight().float()  # (out, in)
         r, s = self.r[name], self.scaling[name]
@@ -167,7 +201,7 @@ class LoraLayer(nn.Module):
     def delete(self, name: str) -> None:
         if name in self.merged_adapters:
             raise LorakitError(f"adapter {name!r} is merged; unmerge it before deleting")
-        for store in (self.lora_A, self.lora_B, self.lora_magnitude_vector, self.lora_dropout):
+        for store in (self.lora_A, self.lora_B, self.lora_magnitude_vector, self.lora_bias, self.lora_dropout):
             if name in store:  # ParameterDict.pop takes no default
                 del store[name]
         for store in (self.r, self.scaling, self.variants):
@@ -197,10 +231,25 @@ class LoraLayer(nn.Module):
         low_cpu = A.device.type == "cpu" and A.dtype in (torch.float16, torch.bfloat16)
         if low_cpu:
             A, B = A.float(), B.float()
-        delta = B @ A * self.scaling[name]  # (out, in)
+        if self.kind == "conv":
+            delta = self._conv_delta(A, B) * self.scaling[name]
+        else:
+            delta = B @ A * self.scaling[name]  # (out, in)
         if self.kind == "embedding":
             delta = delta.T  # (num_embeddings, dim)
         return delta.to(self.lora_A[name].dtype) if low_cpu else delta
+
+    def _conv_delta(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """B∘A as one conv weight (out, in, *k): B's 1x1 mixing applied to A's kernels (PEFT's formula)."""
+        base = self.base_layer
+        if base.groups > 1:
+            raise LorakitError(f"{self._label()} has groups={base.groups}: merging LoRA into a grouped convolution "
+                               "is not supported (as in PEFT); keep the adapter unmerged")
+        if all(k == 1 for k in base.kernel_size):  # (out, r) @ (r, in), then the 1x1 kernel dims back
+            ones = (1,) * len(base.kernel_size)
+            return (B.flatten(1) @ A.flatten(1)).reshape(B.shape[0], A.shape[1], *ones)
+        # conv of A's kernels, seen as a batch of `in` images with r channels, by B: (in, out, *k) -> (out, in, *k)
+        return self.base_kind.conv_fn(A.transpose(0, 1), B).transpose(0, 1)
 
     def live_adapters(self) -> list[str]:
         """The active adapters that run in forward: present in this layer and not merged."""
@@ -216,6 +265,9 @@ class LoraLayer(nn.Module):
             return result
         plan = _ROW_PLAN.get()
         if plan is not None:
+            if self.kind == "conv" or self.lora_bias:
+                raise LorakitError(f"mixed-adapter batches (adapter_names) are not supported for convolution "
+                                   f"layers or lora_bias adapters ({self._label()}); run one adapter per batch")
             return plan.apply(self, x, result)
         out_dtype = result.dtype
         # PEFT's bnb layers add fp32 adapter outputs in the base's dtype: cast_to for quantized bases
@@ -245,7 +297,7 @@ class LoraLayer(nn.Module):
                 or torch.is_autocast_enabled(x.device.type) or _ROW_PLAN.get() is not None):
             return None
         live = self.live_adapters()
-        if len(live) != 1 or live[0] in self.variants:
+        if len(live) != 1 or live[0] in self.variants or live[0] in self.lora_bias:
             return None
         name = live[0]
         if not isinstance(self.lora_dropout[name], nn.Identity):
@@ -268,9 +320,14 @@ class LoraLayer(nn.Module):
         dropout = self.lora_dropout[name]
         if name in self.variants:
             return self.variants[name].apply(self, name, x, result, dropout, owned)
+        if self.kind == "conv":  # PEFT: lora_B(lora_A(dropout(x))) * s, A and B convolutions
+            base, conv = self.base_layer, self.base_kind.conv_fn
+            after_A = conv(dropout(x), A, None, base.stride, base.padding)  # (N, r, *spatial)
+            delta = conv(after_A, B, self.lora_bias.get(name), 1, 0, 1, base.groups) * s  # (N, out, *spatial)
+            return result + (delta.to(cast_to) if cast_to is not None else delta), True
         after_A = F.linear(dropout(x), A)  # (..., r)
-        if not (result.dtype == after_A.dtype == B.dtype and result.is_contiguous()):  # fp32 adapters, bf16 base
-            delta = F.linear(after_A, B) * s
+        if name in self.lora_bias or not (result.dtype == after_A.dtype == B.dtype and result.is_contiguous()):
+            delta = F.linear(after_A, B, self.lora_bias.get(name)) * s  # fp32 adapters on a bf16 base, or a bias
             return result + (delta.to(cast_to) if cast_to is not None else delta), True
         out2d, h2d = result.view(-1, self.out_features), after_A.reshape(-1, after_A.shape[-1])  # (N, out), (N, r)
         if owned:
@@ -292,6 +349,9 @@ class LoraLayer(nn.Module):
         for name in names if names is not None else self.active_adapters:
             if name in self.merged_adapters or name not in self.lora_A:
                 continue
+            if name in self.lora_bias and getattr(self.base_layer, "bias", None) is None:
+                raise LorakitError(f"adapter {name!r} has lora_bias=True but {self._label()} has no bias to merge it "
+                                   "into; keep the adapter unmerged")
             W = self.dense_weight()
             variant = self.variants.get(name)
             new_W = variant.merged_weight(self, name, W) if variant else W + self.delta_weight(name).to(W.dtype)
@@ -299,6 +359,7 @@ class LoraLayer(nn.Module):
                 raise LorakitError(f"merging adapter {name!r} would put NaN/Inf into {self._label()}; "
                                    "the adapter weights are broken (check training for divergence)")
             self._set_dense_weight(new_W)
+            self._merge_bias(name, +1)
             self.merged_adapters.append(name)
 
     @torch.no_grad()
@@ -310,6 +371,13 @@ class LoraLayer(nn.Module):
             variant = self.variants.get(name)
             self._set_dense_weight(variant.unmerged_weight(self, name, W) if variant
                                    else W - self.delta_weight(name).to(W.dtype))
+            self._merge_bias(name, -1)
+
+    def _merge_bias(self, name: str, sign: int) -> None:
+        """Fold s·(B's bias) into the base bias (sign +1) or take it out again (-1)."""
+        if name in self.lora_bias:
+            b = self.base_layer.bias
+            b.data += sign * self.scaling[name] * self.lora_bias[name].to(b.dtype)
 
     def _set_dense_weight(self, W: torch.Tensor) -> None:
         self.base_kind.set_weight(self.base_layer, W)

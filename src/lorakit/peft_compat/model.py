@@ -1,4 +1,4 @@
-"""The PEFT-style face: code written for PEFT runs with only the import changed.
+"""PeftModel, LoraModel, get_peft_model: PEFT's model classes over adapters/ and combine/.
 
     from lorakit import LoraConfig, get_peft_model, PeftModel
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
@@ -17,18 +17,25 @@ from pathlib import Path
 
 from torch import nn
 
-from .adapters import files, manage, rows
-from .combine import add_weighted_adapter as _add_weighted_adapter
-from .config import LoraConfig
-from .errors import LorakitError
+import collections
+
+from ..adapters import files, manage, rows
+from ..combine import add_weighted_adapter as _add_weighted_adapter
+from ..config import LoraConfig, TaskType
+from ..errors import LorakitError
+from . import card
 
 
 CLASSIFIER_TASKS = ("SEQ_CLS", "TOKEN_CLS")
 CLASSIFIER_HEADS = ("classifier", "score")  # PEFT adds these to modules_to_save for those tasks
+# What PEFT's load_adapter returns: lorakit refuses a file that misses keys, so both lists are empty after success
+LoadResult = collections.namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 
 
 class LoraModel(nn.Module):
-    """PEFT's middle layer: holds the transformers model as `.model`."""
+    """PEFT's middle layer: holds the transformers model as `.model`; PEFT's tuner methods."""
+
+    prefix = "lora_"  # PEFT: the name part of every adapter parameter
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -36,6 +43,54 @@ class LoraModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
+
+    @property
+    def peft_config(self) -> dict[str, LoraConfig]:
+        return manage.configs(self.model)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return manage.active_adapters(self.model)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        active = self.active_adapters
+        return active[0] if len(active) == 1 else active
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """The modules that hold LoRA layers, in model order."""
+        return [name for name, _ in manage.lora_layers(self.model)]
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """True when some LoRA layer runs an adapter (adapters not disabled)."""
+        return any(layer.active_adapters and not layer.disabled for _, layer in manage.lora_layers(self.model))
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        manage.set_adapter(self.model, adapter_name)
+
+    def disable_adapter_layers(self) -> None:
+        manage.set_disabled(self.model, True)
+
+    def enable_adapter_layers(self) -> None:
+        manage.set_disabled(self.model, False)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        manage.delete_adapter(self.model, adapter_name)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        manage.merge(self.model, adapter_names, safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        manage.unmerge(self.model)
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:
+        return manage.merge_and_unload(self.model, safe_merge, adapter_names)
+
+    def unload(self) -> nn.Module:
+        return manage.unload(self.model)
 
     def __getattr__(self, name: str):
         try:
@@ -48,7 +103,7 @@ class PeftModel(nn.Module):
     """A transformers model with named LoRA adapters, PEFT's API."""
 
     def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
-                 autocast_adapter_dtype: bool = True):
+                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False):
         super().__init__()
         self.base_model = LoraModel(model)
         manage.add_adapter(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
@@ -66,6 +121,16 @@ class PeftModel(nn.Module):
     def active_adapter(self) -> str:
         active = self.active_adapters
         return active[0] if len(active) == 1 else active
+
+    @property
+    def active_peft_config(self) -> LoraConfig:
+        return self.peft_config[self.active_adapters[0]]
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        """The union of the adapters' modules_to_save (PEFT's attribute), None when there are none."""
+        names = {m for c in self.peft_config.values() for m in c.modules_to_save or []}
+        return names or None
 
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
@@ -90,19 +155,32 @@ class PeftModel(nn.Module):
             yield
 
     # -- adapters --------------------------------------------------------------------------------------
-    def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False) -> None:
-        """Add a new adapter; as in PEFT it is not activated (call set_adapter)."""
-        manage.add_adapter(self.get_base_model(), peft_config, adapter_name, activate=False)
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
+        """Add a new adapter; as in PEFT it is not activated (call set_adapter). low_cpu_mem_usage is
+        accepted and has no effect: the adapter is created on the base layer's device."""
+        manage.add_adapter(self.get_base_model(), peft_config, adapter_name, activate=False,
+                           autocast_adapter_dtype=autocast_adapter_dtype)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         manage.set_adapter(self.get_base_model(), adapter_name)
 
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        for name in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
+            manage.set_trainable(self.get_base_model(), name, requires_grad)
+
     def delete_adapter(self, adapter_name: str) -> None:
         manage.delete_adapter(self.get_base_model(), adapter_name)
 
-    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False, **kwargs):
+    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False, **kwargs) -> LoadResult:
+        """Add adapter `adapter_name` from a folder; like PEFT, not activated, eval mode unless trainable.
+        Returns PEFT's (missing_keys, unexpected_keys): a file that does not fit raises instead."""
         files.load_adapter(self.get_base_model(), _local_dir(model_id, kwargs), adapter_name,
-                           is_trainable=is_trainable, activate=False)
+                           is_trainable=is_trainable, activate=False,
+                           autocast_adapter_dtype=kwargs.get("autocast_adapter_dtype", True))
+        if not is_trainable:
+            self.eval()
+        return LoadResult([], [])
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
                              combination_type: str = "svd", svd_rank: int | None = None, **kw):
@@ -132,10 +210,15 @@ class PeftModel(nn.Module):
         print(manage.trainable_report(self))
 
     # -- files -----------------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None,
-                        save_embedding_layers: bool | str = "auto", **kwargs) -> None:
-        """Like PEFT: 'default' goes to save_directory, any other adapter to save_directory/<name>."""
+    def save_pretrained(self, save_directory: str | Path, safe_serialization: bool = True,
+                        selected_adapters: list[str] | None = None, save_embedding_layers: bool | str = "auto",
+                        **kwargs) -> None:
+        """Like PEFT: 'default' goes to save_directory, any other adapter to save_directory/<name>, plus
+        the model card README.md. Safetensors only (docs/peft-compat.md)."""
         model = self.get_base_model()
+        if not safe_serialization:
+            raise LorakitError("safe_serialization=False (a pickled adapter_model.bin) is not supported: lorakit "
+                               "writes and reads safetensors only, which PEFT loads too; drop the argument")
         if not self.peft_config:
             raise LorakitError("this model has no adapter to save: merge_and_unload() / unload() removed them (the "
                                "weights are in the base now); save the merged model with its own save_pretrained: "
@@ -151,15 +234,33 @@ class PeftModel(nn.Module):
                 self.peft_config[name] = cfg.replace(auto_mapping={
                     "base_model_class": type(model).__name__, "parent_library": type(model).__module__})
             files.save_adapter(model, directory, name, save_embedding_layers)
+            card.write_model_card(directory, model, self.peft_config[name])
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> None:
+        """Save every adapter into a temporary folder and upload it to the Hub repo `repo_id`."""
+        import tempfile
+
+        from huggingface_hub import upload_folder
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=kwargs.get("commit_message"),
+                          token=kwargs.get("token"), revision=kwargs.get("revision"))
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | Path, adapter_name: str = "default",
                         is_trainable: bool = False, config: LoraConfig | None = None, **kwargs) -> "PeftModel":
-        """Load an adapter folder (lorakit's or PEFT's) onto `model`."""
+        """Load an adapter folder (lorakit's or PEFT's) onto `model`; as PEFT, eval mode unless trainable.
+        With `config` given, the folder's weights load under that config object (it must fit them)."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.base_model = LoraModel(model)
-        files.load_adapter(model, _local_dir(model_id, kwargs), adapter_name, is_trainable=is_trainable)
+        files.load_adapter(model, _local_dir(model_id, kwargs), adapter_name, is_trainable=is_trainable,
+                           config=config, autocast_adapter_dtype=kwargs.get("autocast_adapter_dtype", True))
+        if config is not None:
+            config.inference_mode = not is_trainable
+            manage.configs(model)[adapter_name] = config
+        if not is_trainable:
+            self.eval()
         return self
 
     def __getattr__(self, name: str):
@@ -171,18 +272,18 @@ class PeftModel(nn.Module):
             return getattr(super().__getattr__("base_model"), name)
 
 
-TaskType = type("TaskType", (), {t: t for t in ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS",
-                                                 "QUESTION_ANS", "FEATURE_EXTRACTION")})
+__all__ = ["LoadResult", "LoraModel", "PeftModel", "TaskType", "get_peft_model"]
 
 # PEFT's task-specific classes behave the same here.
 PeftModelForCausalLM = PeftModelForSequenceClassification = PeftModelForTokenClassification = PeftModel
 PeftModelForSeq2SeqLM = PeftModelForQuestionAnswering = PeftModelForFeatureExtraction = PeftModel
 
 
-def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
-                   autocast_adapter_dtype: bool = True, **kwargs) -> PeftModel:
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", mixed: bool = False,
+                   autocast_adapter_dtype: bool = True, revision: str | None = None,
+                   low_cpu_mem_usage: bool = False, **kwargs) -> PeftModel:
     """Wrap `model` with a new LoRA adapter (PEFT's entry point)."""
-    if kwargs.get("mixed"):
+    if mixed:
         raise LorakitError("mixed=True (PeftMixedModel) is not supported; lorakit adapters are all LoRA")
     if peft_config.task_type in CLASSIFIER_TASKS:  # PEFT trains the task head too
         extra = [h for h in CLASSIFIER_HEADS if h not in (peft_config.modules_to_save or [])]
