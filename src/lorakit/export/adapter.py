@@ -17,6 +17,7 @@ tied-embedding models (llama.cpp has no separate output tensor to adapt there).
 
 from __future__ import annotations
 
+import os
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +129,7 @@ def write_lora_gguf(path: str | Path, arch: str, tensors: list[tuple[str, np.nda
         w.close()
 
     atomic_write(path, write)
+    os.chmod(path, 0o644)  # mkstemp's 0600 is for the temporary file only
     return Path(path)
 
 
