@@ -81,5 +81,9 @@ def test_modelfile_for_a_chatml_model(tmp_path):
     assert "FROM ./base.gguf" in lines and "ADAPTER ./a.gguf" in lines
     assert 'PARAMETER stop "<|im_end|>"' in lines and "{{ .Prompt }}<|im_end|>" in text
     assert text.count('"""') == 2
+    smol = ("{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful "
+            "AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}")
+    assert ('SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""'
+            in modelfile_text(tmp_path, tmp_path / "m.gguf", None, smol).splitlines())
     other = modelfile_text(tmp_path, "/elsewhere/m.gguf", None, "{{ bos_token }}{{ messages }}")
     assert "FROM /elsewhere/m.gguf" in other and "ADAPTER" not in other and "TEMPLATE" not in other.split("#")[-2]

@@ -28,7 +28,7 @@ def go_template(chat_template: str | None) -> tuple[str | None, str | None, str 
     if not chat_template:
         return None, None, None
     if "<|im_start|>" in chat_template:
-        system = re.search(r"<\|im_start\|>system\\n([^<{}'\"]+)<\|im_end\|>", chat_template)
+        system = re.search(r"<\|im_start\|>system(?:\n|\\n)([^<{}'\"\\]+)<\|im_end\|>", chat_template)
         return CHATML, "<|im_end|>", system.group(1) if system else None
     if "<|start_header_id|>" in chat_template:
         return LLAMA3, "<|eot_id|>", None
