@@ -5,6 +5,7 @@
     lorakit generate --model M [--adapter DIR] [--prompt TEXT]
     lorakit merge --model M --adapter DIR --out DIR
     lorakit inspect ADAPTER_DIR [--png FILE] [--json]
+    lorakit export ADAPTER --format gguf|hf --out PATH [--merged] [--quant q8_0] [--ollama]
     lorakit combine DIR_A DIR_B --weights 0.7 0.3 --method linear --rank 16 --out DIR
     lorakit demo [CONFIG]
 
@@ -17,10 +18,10 @@ import argparse
 import sys
 
 from ..errors import LorakitError
-from . import combine, demo, evaluate, generate, inspection, merge, train
+from . import combine, demo, evaluate, export, generate, inspection, merge, train
 
 VERBS = {"train": train, "eval": evaluate, "generate": generate, "merge": merge, "inspect": inspection,
-         "combine": combine, "demo": demo}
+         "combine": combine, "export": export, "demo": demo}
 
 
 def _parser() -> argparse.ArgumentParser:

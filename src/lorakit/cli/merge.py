@@ -14,7 +14,6 @@ def add(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from ..adapters import manage
     from ..atomic import refuse_output_onto_inputs
     from ..errors import LorakitError
     from ..models.load import resolve_model
@@ -25,14 +24,7 @@ def run(args) -> int:
     inputs = [args.adapter] + [p for p in [resolve_model(args.model)] if Path(p).is_dir()]
     refuse_output_onto_inputs(out, inputs, "the merged model")
     model, tokenizer = load(args)
-    if args.quantize != "none":
-        from ..adapters.quantize import merge_to_full_precision
-        model = merge_to_full_precision(model)
-    else:
-        model = manage.merge_and_unload(model, safe_merge=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    if not (out / "config.json").is_file():
-        raise LorakitError(f"the merged model was not written to {out} (no config.json there)")
+    from ..export import export_hf
+    export_hf(model, tokenizer, out, quantized=args.quantize != "none")
     print(f"merged model written to {out} (loads with transformers alone)")
     return 0

