@@ -26,7 +26,7 @@ _RUN_FILES = ("run.yaml", "metrics.jsonl", "checkpoints/step-*", "adapter_model.
 MAY_CHANGE = {"name", "output_dir", "train.max_steps", "train.epochs", "train.learning_rate", "train.weight_decay",
               "train.max_grad_norm", "train.warmup_steps", "train.schedule", "train.lora_plus_ratio",
               "train.eval_every", "train.early_stopping_patience", "train.save_every", "train.keep_checkpoints",
-              "train.log_every", "train.device", "train.precision", "train.compile", "train.gradient_checkpointing",
+              "train.log_every", "train.report_to", "train.device", "train.precision", "train.compile", "train.gradient_checkpointing",
               "train.flat_batches"}
 
 
