@@ -29,7 +29,7 @@ from .trackers import TRACKERS
 
 @dataclass
 class DataSection:
-    train: str | None = None  # JSONL / JSON / CSV / Parquet
+    train: str | None = None  # JSONL / JSON / CSV / Parquet / .arrow, a save_to_disk folder, hf:org/name[:split]
     eval: str | None = None
     eval_fraction: float = 0.0  # held out from train when no eval file is given
     max_length: int = 512  # tokens; longer examples are truncated (and counted)

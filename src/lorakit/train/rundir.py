@@ -51,13 +51,17 @@ def claim(out: Path, resume: bool, overwrite: bool) -> Path | None:
 
 
 def fingerprint(path: str | None) -> str | None:
-    """sha256 of a data file's bytes (None for no file)."""
-    if not path or not Path(path).is_file():
+    """sha256 of a data file's bytes, or of a saved dataset folder's files (names and bytes); None for
+    no file (or an hf: name: the Hub's data is not fingerprinted)."""
+    if not path or not (Path(path).is_file() or Path(path).is_dir()):
         return None
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    files = [Path(path)] if Path(path).is_file() else sorted(p for p in Path(path).rglob("*") if p.is_file())
+    for file in files:
+        digest.update(str(file.relative_to(path) if file != Path(path) else "").encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 
