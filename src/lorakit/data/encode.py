@@ -44,9 +44,9 @@ def encode(record: dict, tokenizer, max_length: int, train_on_prompt: bool = Fal
         labels = list(ids)  # plain text: every token is a target
     elif _has_chat_template(tokenizer):
         ids, labels = _encode_chat(as_messages(record), tokenizer)
-    elif fmt == "messages":
+    elif fmt in ("messages", "sharegpt"):
         raise LorakitError(
-            "a 'messages' record needs a tokenizer with a chat template, and this one has "
+            f"a {fmt!r} record needs a tokenizer with a chat template, and this one has "
             "none: set tokenizer.chat_template, or write the data as prompt/completion")
     else:
         prompt, completion = _plain_prompt(record, fmt)

@@ -1,7 +1,8 @@
 """Read training records from a file and check each one before any tokenising.
 
 Files: .jsonl / .ndjson (one JSON object a line), .json (an array of objects, or JSONL
-under a .json name), .csv (a header row names the fields), .parquet (needs pyarrow).
+under a .json name), .csv (a header row names the fields), .parquet (needs pyarrow); a folder saved
+with the datasets library, a .arrow file and hf:org/name[:split] through hfdatasets.py.
 Every record is checked for its format (see lorakit.data) and field types; problems are
 reported as `file:line: problem (field 'x')`, all at once, or skipped and counted.
 
@@ -18,12 +19,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import LorakitError
+from . import hfdatasets
 
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant", "tool")
 _SHOWN = 10  # bad records listed in one error; the rest are counted
-_FORMAT_HELP = ("expected one of: 'messages'; 'prompt' + 'completion'; "
+# ShareGPT's `conversations` turns ({"from", "value"}) -> roles; human/gpt as ShareGPT writes them
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "tool": "tool"}
+_FORMAT_HELP = ("expected one of: 'messages'; 'conversations' (ShareGPT: from/value turns); 'prompt' + 'completion'; "
                 "'instruction' + 'output' (+ optional 'input', Alpaca); 'text'")
 
 
@@ -50,11 +55,16 @@ def load_records(path, on_error: str = "fail") -> Records:
     """
     if on_error not in ("fail", "skip"):
         raise LorakitError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+    if hfdatasets.is_source(str(path)):
+        rows = hfdatasets.read(str(path))
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise LorakitError(f"dataset file '{path}' does not exist: check the path")
+        rows = _read(path)
     path = Path(path)
-    if not path.is_file():
-        raise LorakitError(f"dataset file '{path}' does not exist: check the path")
     good, problems, file_format = [], [], None
-    for where, record, problem in _read(path):
+    for where, record, problem in rows:
         fmt = None
         if problem is None:
             fmt, problem = check_record(record)
@@ -194,11 +204,13 @@ def _read_parquet(path: Path):
 
 
 def record_format(record) -> str | None:
-    """'messages', 'prompt_completion', 'alpaca' or 'text' by the record's keys, else None."""
+    """'messages', 'sharegpt', 'prompt_completion', 'alpaca' or 'text' by the record's keys, else None."""
     if not isinstance(record, dict):
         return None
     if "messages" in record:
         return "messages"
+    if "conversations" in record:
+        return "sharegpt"
     if "prompt" in record or "completion" in record:
         return "prompt_completion"
     if "instruction" in record or "output" in record:
@@ -214,6 +226,8 @@ def as_messages(record: dict) -> list[dict]:
     fmt = record_format(record)
     if fmt == "messages":
         return record["messages"]
+    if fmt == "sharegpt":
+        return _sharegpt_messages(record["conversations"])
     if fmt == "prompt_completion":
         user, answer = record["prompt"], record["completion"]
     elif fmt == "alpaca":  # the optional input follows the instruction after a blank line
@@ -233,7 +247,7 @@ def check_record(record) -> tuple[str | None, str | None]:
     fmt = record_format(record)
     if fmt is None:
         return None, f"unknown format, fields {sorted(record)}: {_FORMAT_HELP}"
-    required = {"messages": (), "prompt_completion": ("prompt", "completion"),
+    required = {"messages": (), "sharegpt": (), "prompt_completion": ("prompt", "completion"),
                 "alpaca": ("instruction", "output"), "text": ("text",)}[fmt]
     for field in required:
         problem = _check_text(record, field, may_be_empty=(field == "prompt"))
@@ -243,7 +257,29 @@ def check_record(record) -> tuple[str | None, str | None]:
         return fmt, f"field 'input' must be a string, got {type(record['input']).__name__}"
     if fmt == "messages":
         return fmt, _check_messages(record["messages"])
+    if fmt == "sharegpt":
+        return fmt, _check_sharegpt(record["conversations"])
     return fmt, None
+
+
+def _sharegpt_messages(turns: list[dict]) -> list[dict]:
+    return [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns]
+
+
+def _check_sharegpt(turns) -> str | None:
+    """ShareGPT turns: {"from": human | gpt | system | ..., "value": text}; then the conversation's rules."""
+    if not isinstance(turns, list) or not turns:
+        return "field 'conversations' must be a non-empty list of {'from', 'value'} objects"
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            return f"field 'conversations[{i}]' must be an object, got {type(turn).__name__}"
+        if turn.get("from") not in SHAREGPT_ROLES:
+            return f"field 'conversations[{i}].from' is {turn.get('from')!r}: use one of {sorted(SHAREGPT_ROLES)}"
+        if not isinstance(turn.get("value"), str):
+            return f"field 'conversations[{i}].value' must be a string, got {type(turn.get('value')).__name__}"
+    problem = _check_messages(_sharegpt_messages(turns))
+    return problem.replace("'messages", "'conversations").replace(".role'", ".from'").replace(".content'", ".value'") \
+        if problem else None
 
 
 def _check_text(record: dict, field: str, may_be_empty: bool = False) -> str | None:

@@ -23,11 +23,13 @@ import yaml
 from ..config import LoraConfig
 from ..errors import LorakitError
 from ..models.quantize import QUANT_KINDS
+from .optim import OPTIMIZERS
+from .trackers import TRACKERS
 
 
 @dataclass
 class DataSection:
-    train: str | None = None  # JSONL / JSON / CSV / Parquet
+    train: str | None = None  # JSONL / JSON / CSV / Parquet / .arrow, a save_to_disk folder, hf:org/name[:split]
     eval: str | None = None
     eval_fraction: float = 0.0  # held out from train when no eval file is given
     max_length: int = 512  # tokens; longer examples are truncated (and counted)
@@ -56,6 +58,7 @@ class TrainSection:
     batch_size: int = 8  # examples per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     learning_rate: float = 2e-4
+    optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit (bitsandbytes) | adafactor | sgd (momentum 0.9)
     lora_plus_ratio: float | None = None  # LoRA+: B's learning rate = learning_rate * ratio
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # clip; 0 disables
@@ -72,6 +75,7 @@ class TrainSection:
     save_every: int = 0  # steps between checkpoints; 0 = only at the end / on interrupt
     keep_checkpoints: int = 2
     log_every: int = 1
+    report_to: list = field(default_factory=list)  # any of tensorboard, mlflow, wandb (trackers.py)
     device: str = "auto"
 
 
@@ -315,6 +319,12 @@ def _value_problems(cfg: RunConfig) -> list[tuple[str, str]]:
         p.append(("train.learning_rate", f"train.learning_rate must be > 0 (got {t.learning_rate!r})"))
     if t.schedule not in ("cosine", "linear", "constant"):
         p.append(("train.schedule", f"train.schedule must be cosine, linear or constant (got {t.schedule!r})"))
+    if t.optimizer not in OPTIMIZERS:
+        p.append(("train.optimizer", f"train.optimizer must be one of {', '.join(OPTIMIZERS)} (got {t.optimizer!r})"))
+    unknown = [name for name in t.report_to if name not in TRACKERS]
+    if unknown:
+        p.append(("train.report_to", f"train.report_to: unknown tracker(s) {unknown}; use any of "
+                                     f"{', '.join(TRACKERS)}, e.g. [tensorboard, mlflow]"))
     if t.precision not in ("auto", "fp32", "bf16", "fp16"):
         p.append(("train.precision", f"train.precision must be auto, fp32, bf16 or fp16 (got {t.precision!r})"))
     if d.on_error not in ("fail", "skip"):

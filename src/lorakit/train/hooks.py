@@ -48,8 +48,10 @@ class EvalHook(Hook):
     """Every eval_every steps: eval loss and perplexity into the log; the best adapter by eval loss saved
     to output_dir/best; "early_stop" after `patience` evaluations without improvement (0: never)."""
 
-    def __init__(self, model, dataset, log: MetricsLog, out: Path, every: int, batch_size: int, patience: int = 0):
+    def __init__(self, model, dataset, log: MetricsLog, out: Path, every: int, batch_size: int, patience: int = 0,
+                 trackers: list = ()):
         self.model, self.dataset, self.log, self.out = model, dataset, log, Path(out)
+        self.trackers = list(trackers)  # trackers.Tracker: each evaluation goes to them too
         self.every, self.batch_size, self.patience = every, batch_size, patience
         self.last: float | None = None  # the latest eval loss
 
@@ -62,6 +64,8 @@ class EvalHook(Hook):
     def evaluate(self, state: TrainState) -> float:
         result = loss_and_perplexity(self.model, self.dataset, self.batch_size)
         self.log.write(step=state.step, eval_loss=result["loss"], eval_perplexity=result["perplexity"])
+        for tracker in self.trackers:
+            tracker.record(state.step, {"eval/loss": result["loss"], "eval/perplexity": result["perplexity"]})
         if result["loss"] < state.best_eval - 1e-6:
             state.best_eval, state.bad_evals = result["loss"], 0
             files.save_adapter(self.model, self.out / "best")

@@ -1,4 +1,10 @@
-"""Optimizers and learning-rate schedules for adapters: AdamW (fused where torch has it), LoRA+ groups."""
+"""Optimizers and learning-rate schedules for adapters: AdamW (fused where torch has it), 8-bit and paged
+8-bit AdamW (bitsandbytes), Adafactor, SGD with momentum; LoRA+ groups over any of them.
+
+    OPTIMIZERS                      the names train.optimizer takes (transformers' Trainer spells them so)
+    build_optimizer(model, ...)     one of them over the trainable parameters
+    state_bytes(optimizer)          what its state holds in memory (the benchmark's figure)
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from ..errors import LorakitError
 from ..layers import LoraLayer
 
 
@@ -44,17 +51,49 @@ def lora_plus_optimizer(model: nn.Module, lr: float, ratio: float = 16.0, weight
                              **adamw_kwargs)
 
 
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd")
+SGD_MOMENTUM = 0.9
+
+
 def build_optimizer(model: nn.Module, learning_rate: float, weight_decay: float = 0.0,
-                    lora_plus_ratio: float | None = None) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters (LoRA+ groups when asked); the fused kernel where torch has one
-    (CPU and CUDA floats): one pass over all adapter tensors instead of a loop, 5 vs 26 ms a step on the
-    135M model's 420 LoRA tensors on this CPU."""
+                    lora_plus_ratio: float | None = None, kind: str = "adamw") -> torch.optim.Optimizer:
+    """`kind` (one of OPTIMIZERS) over the trainable parameters, in LoRA+ groups when asked.
+
+    adamw: the fused kernel where torch has one (CPU and CUDA floats): one pass over all adapter tensors
+    instead of a loop, 5 vs 26 ms a step on the 135M model's 420 LoRA tensors on this CPU.
+    adamw_8bit / paged_adamw_8bit: bitsandbytes' blockwise 8-bit moments (tensors of 4096 elements or
+    more; smaller ones keep 32-bit state); paged state lives in CUDA unified memory (plain on CPU).
+    adafactor: transformers' (factored second moment, no first moment), with Trainer's settings. sgd: momentum 0.9.
+    """
+    if kind not in OPTIMIZERS:
+        raise LorakitError(f"unknown optimizer {kind!r}: use one of {', '.join(OPTIMIZERS)}")
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    if lora_plus_ratio:
-        groups = lora_plus_param_groups(model, learning_rate, lora_plus_ratio, weight_decay)
+    groups = (lora_plus_param_groups(model, learning_rate, lora_plus_ratio, weight_decay) if lora_plus_ratio
+              else [{"params": params, "weight_decay": weight_decay}])
+    if kind == "adamw":
+        fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
         return torch.optim.AdamW(groups, lr=learning_rate, fused=fused)
-    return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, fused=fused)
+    if kind == "adafactor":  # as transformers' Trainer builds it: a plain learning rate, not relative steps
+        from transformers.optimization import Adafactor
+        return Adafactor(groups, lr=learning_rate, scale_parameter=False, relative_step=False, warmup_init=False)
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=learning_rate, momentum=SGD_MOMENTUM)
+    bnb = _bitsandbytes(kind)
+    cls = bnb.optim.AdamW8bit if kind == "adamw_8bit" else bnb.optim.PagedAdamW8bit
+    return cls(groups, lr=learning_rate)
+
+
+def _bitsandbytes(kind: str):
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise LorakitError(f"train.optimizer={kind} needs bitsandbytes: pip install 'lorakit[quant]'") from None
+    return bitsandbytes
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of tensors in the optimizer's state (moments, quantization maps, step counters)."""
+    return sum(t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
 
 
 def lr_lambda(warmup: int, total: int, schedule: str):

@@ -33,6 +33,7 @@ from .hooks import CheckpointHook, EvalHook, LogHook
 from .logbook import MetricsLog, plot_curves
 from .optim import build_optimizer, build_scheduler
 from .rundir import run_record
+from .trackers import open_trackers
 from .state import TrainState, latest_checkpoint, load_training_checkpoint
 
 
@@ -83,7 +84,7 @@ def build(cfg: RunConfig, model=None, tokenizer=None) -> Recipe:
     train_ds, eval_ds = datasets(cfg, tokenizer)
     micro_per_epoch = math.ceil(len(train_ds) / t.batch_size)
     total_steps = t.max_steps or max(1, math.ceil((t.epochs or 1) * micro_per_epoch / t.grad_accum))
-    optimizer = build_optimizer(model, t.learning_rate, t.weight_decay, t.lora_plus_ratio)
+    optimizer = build_optimizer(model, t.learning_rate, t.weight_decay, t.lora_plus_ratio, t.optimizer)
     scheduler = build_scheduler(optimizer, t.warmup_steps, total_steps, t.schedule)
     flat = t.flat_batches and attention.supports(model)
     return Recipe(model, tokenizer, train_ds, eval_ds, optimizer, scheduler, device, autocast_dtype,
@@ -110,9 +111,10 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, model=Non
     _say(progress, f"lorakit: {manage.trainable_report(r.model)}")
     _say(progress, f"lorakit: train {r.train_data.stats.summary()}"
          + (f"; eval {r.eval_data.stats.summary()}" if r.eval_data else ""))
+    trackers = open_trackers(t.report_to, out, run, cfg.name, t.log_every, r.total_steps)
     logging = LogHook(log, r.total_steps, t.log_every, progress, initial=state.step)
     evaluation = EvalHook(r.model, r.eval_data, log, out, t.eval_every, t.batch_size,
-                          t.early_stopping_patience) if r.eval_data is not None else None
+                          t.early_stopping_patience, trackers) if r.eval_data is not None else None
     checkpoints = CheckpointHook(out, r.model, r.optimizer, r.scheduler, t.save_every, t.keep_checkpoints, run)
     micro = loop.micro_batches(r.train_data, t.batch_size, t.seed, state, t.group_by_length,
                                _float_dtype(r.model), r.flat)
@@ -122,22 +124,34 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, model=Non
             stopped = loop.run(r.model, r.optimizer, r.scheduler, micro, steps=r.total_steps, state=state,
                                grad_accum=t.grad_accum, device=r.device, autocast_dtype=r.autocast_dtype,
                                max_grad_norm=t.max_grad_norm, lean=not t.compile,
-                               hooks=[h for h in (logging, evaluation, checkpoints) if h is not None],
+                               hooks=[h for h in (logging, evaluation, checkpoints, *trackers) if h is not None],
                                stop_requested=lambda: signals.requested)
     except loop.NonFiniteLoss as e:
+        _close(trackers)
         raise _stopped_non_finite(e, out, r, state, checkpoints, t.learning_rate) from None
+    except BaseException:
+        _close(trackers)
+        raise
     finally:
         logging.close()
     # -- finish: the adapter first, so that nothing trained is lost if the final evaluation is cut short ---
     files.save_adapter(r.model, out)
     eval_loss = evaluation.last if evaluation is not None else None
-    if evaluation is not None and stopped != "interrupted" and (not t.eval_every or state.step % t.eval_every):
-        eval_loss = evaluation.evaluate(state)
+    try:
+        if evaluation is not None and stopped != "interrupted" and (not t.eval_every or state.step % t.eval_every):
+            eval_loss = evaluation.evaluate(state)
+    finally:
+        _close(trackers)
     log.close()
     _finish(cfg, out, use_best=evaluation is not None and stopped != "interrupted")
     seconds = time.time() - started
     _say(progress, f"lorakit: {stopped} after {state.step} steps in {seconds:.0f} s; adapter in {out}")
     return TrainResult(out, state.step, stopped, logging.last_loss, eval_loss, seconds, state.tokens)
+
+
+def _close(trackers) -> None:
+    for tracker in trackers:
+        tracker.close()
 
 
 def _claim(out: Path, resume: bool, overwrite: bool, progress: bool) -> None:

@@ -26,7 +26,7 @@ _RUN_FILES = ("run.yaml", "metrics.jsonl", "checkpoints/step-*", "adapter_model.
 MAY_CHANGE = {"name", "output_dir", "train.max_steps", "train.epochs", "train.learning_rate", "train.weight_decay",
               "train.max_grad_norm", "train.warmup_steps", "train.schedule", "train.lora_plus_ratio",
               "train.eval_every", "train.early_stopping_patience", "train.save_every", "train.keep_checkpoints",
-              "train.log_every", "train.device", "train.precision", "train.compile", "train.gradient_checkpointing",
+              "train.log_every", "train.report_to", "train.device", "train.precision", "train.compile", "train.gradient_checkpointing",
               "train.flat_batches"}
 
 
@@ -51,13 +51,17 @@ def claim(out: Path, resume: bool, overwrite: bool) -> Path | None:
 
 
 def fingerprint(path: str | None) -> str | None:
-    """sha256 of a data file's bytes (None for no file)."""
-    if not path or not Path(path).is_file():
+    """sha256 of a data file's bytes, or of a saved dataset folder's files (names and bytes); None for
+    no file (or an hf: name: the Hub's data is not fingerprinted)."""
+    if not path or not (Path(path).is_file() or Path(path).is_dir()):
         return None
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    files = [Path(path)] if Path(path).is_file() else sorted(p for p in Path(path).rglob("*") if p.is_file())
+    for file in files:
+        digest.update(str(file.relative_to(path) if file != Path(path) else "").encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 
