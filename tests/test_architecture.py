@@ -24,7 +24,7 @@ FLOORS = [
     ["lorakit.adapters"],
     ["lorakit.combine", "lorakit.eval"],
     ["lorakit.train"],
-    ["lorakit.analysis", "lorakit.peft_compat", "lorakit.demo"],
+    ["lorakit.analysis", "lorakit.peft_compat", "lorakit.demo", "lorakit.serve"],
     ["lorakit.cli"],
     ["lorakit", "lorakit.__main__"],
 ]

@@ -172,6 +172,13 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default",
                  activate: bool = True) -> nn.Module:
     """Add adapter `name` from a folder written by lorakit or PEFT, checking every key and shape."""
     config, tensors = read_adapter(directory)
+    return attach_adapter(model, config, tensors, directory, name, is_trainable, activate)
+
+
+def attach_adapter(model: nn.Module, config: LoraConfig, tensors: dict, directory: str | Path, name: str = "default",
+                   is_trainable: bool = False, activate: bool = True) -> nn.Module:
+    """Add adapter `name` from what read_adapter(directory) returned (a server reads files off its
+    engine thread and attaches between steps)."""
     init_config = config.replace(init_lora_weights=False, inference_mode=not is_trainable)
     state = _strip_prefix(tensors)
     try:
