@@ -123,16 +123,17 @@ class Engine:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
+        idle = True  # the last step had nothing to run (empty, or every waiting request's adapter loading)
         while True:
             busy = bool(self.running or self.waiting)
             if self._stop.is_set() and not busy and self.inbox.empty():
                 return
+            timeout = None if not busy and not self._stop.is_set() else 0.01 if idle else 0.0
             try:
-                self._apply(*self.inbox.get(timeout=None if not busy and not self._stop.is_set() else 0.0))
+                self._apply(*self.inbox.get(timeout=timeout))
             except queue.Empty:
                 pass
-            if self.running or self.waiting:
-                self.step()
+            idle = not self.step() if (self.running or self.waiting) else True
 
     def _apply(self, kind: str, item) -> None:
         items = [(kind, item)]

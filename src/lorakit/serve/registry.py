@@ -133,17 +133,33 @@ class Registry:
             return False
         if not future.done():
             return False
-        try:
-            config, tensors = future.result()
-        except LorakitError:
-            del self.reads[name]
-            raise
+        del self.reads[name]
+        config, tensors = future.result()  # raises the read's LorakitError
+        if not self.attach(name, config, tensors, engine):
+            self.reads[name] = future  # no room yet: keep what was read, retry next step
+            return False
+        return True
+
+    def attach(self, name: str, config, tensors: dict, engine) -> bool:
+        """Attach a read adapter (engine thread), evicting the least recently used idle one if full;
+        False when every resident adapter is in use."""
+        if name in self.resident:
+            return True
         if not self._make_room(engine):
             return False
-        del self.reads[name]
-        files.attach_adapter(self.model, config, tensors, self.available.get(name, name), name, activate=False)
+        with self._lock:
+            path = self.available.get(name, name)
+        files.attach_adapter(self.model, config, tensors, path, name, activate=False)
         self.resident[name] = None
         return True
+
+    def unload(self, name: str, engine) -> None:
+        """Stop serving `name` (engine thread); refused while running requests use it."""
+        busy = sum(r.adapter == name for r in engine.running)
+        if busy:
+            raise LorakitError(f"adapter {name!r} is in use by {busy} running request(s); retry when they finish")
+        self.remove(name)
+        self.detach(name)
 
     def _make_room(self, engine) -> bool:
         busy = {r.adapter for r in engine.running}
