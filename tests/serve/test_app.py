@@ -7,6 +7,7 @@ import torch
 
 from lorakit.eval.generation import generate
 from lorakit.models.load import load_model
+from serving import adapters_dir, server, start_server  # noqa: F401  (fixtures)
 
 
 def reference(model_dir, adapters_dir, adapter, prompt, n):
@@ -98,7 +99,6 @@ def test_errors_through_the_client(server):
 def test_queue_full_is_429(tiny_model_dir, adapters_dir):
     import threading
     import time
-    from conftest import start_server
     s = start_server(tiny_model_dir, adapters_dir, max_queue=1, start=False)  # the engine not yet stepping
     try:
         first = threading.Thread(target=lambda: s.client().completions.create(model="tiny", prompt="x", max_tokens=2))

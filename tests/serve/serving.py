@@ -1,4 +1,4 @@
-"""A real lorakit server on loopback (uvicorn in a thread) over the tiny SmolLM2-vocabulary Llama."""
+"""A real lorakit server on loopback (uvicorn in a thread) over the tiny SmolLM2-vocabulary Llama (fixtures: import them)."""
 
 import threading
 import time
