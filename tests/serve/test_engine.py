@@ -103,13 +103,11 @@ def test_alone_matches_generate_logits(setup):
     ref = tiny_llama()
     lorakit.load_adapter(ref, folder / "a")
     got = []
-    import lorakit.serve.engine as E
-    orig = E.next_token
-    E.next_token = lambda row, p, g: (got.append(row.clone()), orig(row, p, g))[1]
+    hook = engine.model.register_forward_hook(lambda m, a, out: got.append(out.logits[0, -1].clone()))
     try:
         run_all(engine, [("a", prompt, 4)])
     finally:
-        E.next_token = orig
+        hook.remove()
     ref.generation_config.eos_token_id = None
     out = ref.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False, pad_token_id=0,
                        output_logits=True, return_dict_in_generate=True)

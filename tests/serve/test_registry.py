@@ -14,9 +14,10 @@ from serving import adapters_dir, random_adapter, start_server  # noqa: F401  (f
 ADMIN = {"Authorization": "Bearer root"}
 
 
-@pytest.fixture
-def live(tmp_path, tiny_model_dir, adapters_dir):
-    root = tmp_path / "adapters"
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, tiny_model_dir, adapters_dir):
+    """One server for the module; each test uses its own folder and adapter names."""
+    root = tmp_path_factory.mktemp("live") / "adapters"
     root.mkdir()
     shutil.copytree(adapters_dir / "a0", root / "first")
     s = start_server(tiny_model_dir, root, api_key="secret", admin_key="root", max_loaded=2, max_model_len=128)
@@ -75,7 +76,9 @@ def test_paths_cannot_leave_the_folder(live, tmp_path, adapters_dir):
         r = post(s, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": "first"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "lora_name", name
     assert "evil" not in [m.id for m in s.client("secret").models.list().data]
-    assert "link" not in [m.id for m in s.client("secret").models.list().data]  # the scan skipped it too
+    s.engine.registry.scan()  # a rescan sees the link and skips it
+    assert "link" in s.engine.registry.skipped
+    assert "link" not in [m.id for m in s.client("secret").models.list().data]
     with pytest.raises(LorakitError):
         inside(root, "link")
 

@@ -161,6 +161,8 @@ def create_app(engine: Engine, settings: Settings, metrics=None) -> FastAPI:
     async def _next(req, inbox, request: Request):
         """The next delta; cancels the request (its slot freed at the next step) if the client left."""
         while True:
+            if not inbox.empty():  # the common case: no timer task per token
+                return inbox.get_nowait()
             try:
                 return await asyncio.wait_for(inbox.get(), timeout=0.5)
             except asyncio.TimeoutError:

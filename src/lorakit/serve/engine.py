@@ -187,8 +187,9 @@ class Engine:
                                                             device=device)).logits[0]
         for req, tokens in batch:
             req.kv.length += len(tokens)
-        for (req, _), row in zip(emit, logits):
-            self._emit(req, next_token(row, req.params, req.generator))
+        greedy = logits.float().argmax(-1).tolist() if emit else []  # one op for every greedy row
+        for (req, _), row, best in zip(emit, logits, greedy):
+            self._emit(req, best if req.params.temperature == 0 else next_token(row, req.params, req.generator))
         self.steps += 1
         if self.metrics is not None:
             self.metrics.step(self)

@@ -90,7 +90,8 @@ class Registry:
             except LorakitError as e:
                 self.skipped[sub.name] = str(e)
                 continue
-            self.available[sub.name] = path
+            with self._lock:
+                self.available.setdefault(sub.name, path)
 
     def check_name(self, name: str) -> None:
         if not isinstance(name, str) or not NAME_RE.match(name) or name in (self.base_name, BASE):
