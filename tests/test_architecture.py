@@ -25,7 +25,7 @@ FLOORS = [
     ["lorakit.adapters"],
     ["lorakit.combine", "lorakit.eval"],
     ["lorakit.train"],
-    ["lorakit.analysis", "lorakit.peft_compat", "lorakit.demo", "lorakit.export"],
+    ["lorakit.analysis", "lorakit.peft_compat", "lorakit.demo", "lorakit.export", "lorakit.serve"],
     ["lorakit.cli"],
     ["lorakit", "lorakit.__main__"],
 ]

@@ -179,6 +179,14 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default",
     `config`, the folder's tensors load under that config instead of the folder's own."""
     file_config, tensors = read_adapter(directory)
     config = file_config if config is None else config
+    return attach_adapter(model, config, tensors, directory, name, is_trainable, activate, autocast_adapter_dtype)
+
+
+def attach_adapter(model: nn.Module, config: LoraConfig, tensors: dict, directory: str | Path, name: str = "default",
+                   is_trainable: bool = False, activate: bool = True,
+                   autocast_adapter_dtype: bool = True) -> nn.Module:
+    """Add adapter `name` from what read_adapter(directory) returned (a server reads files off its
+    engine thread and attaches between steps)."""
     init_config = config.replace(init_lora_weights=False, inference_mode=not is_trainable)
     state = _strip_prefix(tensors)
     try:

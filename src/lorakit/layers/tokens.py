@@ -1,0 +1,78 @@
+"""Per-token adapters in one flat forward: a TokenPlan for continuous-batching steps.
+
+A serving step is one row (1, N) holding tokens of many requests end to end (prefill and decode
+together). The caller orders the requests so that each adapter's tokens are one contiguous slice,
+and the plan maps adapter -> (lo, hi) over the N tokens. Layers whose input has K rows instead of N
+(the output head under logits_to_keep, which sees only the tokens that emit) use a second map over
+those K rows. Per LoRA layer: one small GEMM pair per adapter present, accumulated into the base
+output slice in place, the same formula as LoraLayer._apply_adapter (so a request alone in a step
+gets exactly the numbers a plain forward with that adapter gives). No gather of stacked factors:
+a stack per token would materialise N·(in·r + r·out) floats per layer.
+
+A RowPlan (mixed.py) routes batch rows; this routes tokens. Both are handed to the layer through
+layer.using_row_plan and applied as plan.apply(layer, x, result).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import LorakitError
+from .mixed import BASE
+
+
+def slices_of(names: list[str]) -> dict[str, tuple[int, int]]:
+    """adapter -> (lo, hi) for a list of names in which each adapter's entries are contiguous; the base
+    gets no slice (nothing to add)."""
+    out: dict[str, tuple[int, int]] = {}
+    lo = 0
+    for i in range(1, len(names) + 1):
+        if i == len(names) or names[i] != names[lo]:
+            if names[lo] != BASE:
+                if names[lo] in out:
+                    raise LorakitError(f"the tokens of adapter {names[lo]!r} are not contiguous; order the "
+                                       "step's requests by adapter")
+                out[names[lo]] = (lo, i)
+            lo = i
+    return out
+
+
+class TokenPlan:
+    """Token i of a flat (1, N) forward runs adapter names[i]; row j of the K emitting rows runs
+    emit_names[j] (layers that see K rows: the output head under logits_to_keep)."""
+
+    def __init__(self, names: list[str], emit_names: list[str]):
+        self.n, self.n_emit = len(names), len(emit_names)
+        self.tokens = slices_of(list(names))
+        self.emits = slices_of(list(emit_names))
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """result (1, n, out) plus each slice's adapter output, in place."""
+        embedding = layer.kind == "embedding"
+        x2 = x.reshape(-1) if embedding else x.reshape(-1, x.shape[-1])  # (n,) ids or (n, in)
+        n = x2.shape[0]
+        slices = self.tokens if n == self.n else self.emits if n == self.n_emit else None
+        if slices is None:
+            raise LorakitError(f"a TokenPlan for {self.n} tokens ({self.n_emit} emitting) reached a layer "
+                               f"with {n}; the plan is for flat (1, N) serving steps only")
+        if not result.is_contiguous():
+            result = result.contiguous()
+        out2 = result.view(-1, result.shape[-1])  # (n, out): a view, written in place
+        for name, (lo, hi) in slices.items():
+            if name not in layer.r:
+                continue
+            if name in layer.variants:
+                raise LorakitError(f"adapter {name!r} is {layer.variants[name].name}; per-token batches "
+                                   "support plain LoRA adapters only")
+            A, B, s = layer.lora_A[name], layer.lora_B[name], layer.scaling[name]
+            if embedding:  # as _apply_adapter: result + (embed(ids, Aᵀ) @ Bᵀ)·s
+                out2[lo:hi] += (layer.embed(x2[lo:hi], A.T) @ B.T) * s
+                continue
+            after_A = F.linear(x2[lo:hi].to(A.dtype), A)  # (t, r)
+            if out2.dtype == after_A.dtype == B.dtype:
+                out2[lo:hi].addmm_(after_A, B.T, alpha=s)  # the GEMM _apply_adapter runs
+            else:  # fp32 adapters on a bf16 base
+                out2[lo:hi] += (F.linear(after_A, B) * s).to(out2.dtype)
+        return result

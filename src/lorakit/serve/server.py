@@ -1,0 +1,65 @@
+"""Putting a server together: load the base, scan the adapters, start the engine, run uvicorn.
+
+    build(model, tokenizer, name, adapters=DIR, ...) -> (app, engine)   for an already loaded model
+    serve(model="M", adapters="DIR", host=..., port=...)                 what `lorakit serve` runs
+
+uvicorn handles Ctrl-C / SIGTERM: it stops accepting, lets the open requests finish, then the app's
+shutdown drains the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..errors import LorakitError
+from ..layers import BASE
+
+
+def _need_extra():
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise LorakitError(f"lorakit serve needs {e.name}: pip install 'lorakit[serve]'") from None
+
+
+def build(model, tokenizer, name: str, adapters=None, max_loaded: int = 8, api_key: str | None = None,
+          admin_key: str | None = None, max_batch_tokens: int = 256, max_queue: int = 256,
+          max_model_len: int | None = None, start: bool = True):
+    """(FastAPI app, engine) serving `model` under `name` and each adapter folder of `adapters`."""
+    _need_extra()
+    from .app import Settings, create_app
+    from .engine import Engine
+    from .metrics import Metrics
+    from .registry import Registry
+    model.eval()
+    registry = Registry(model, adapters, name, max_loaded)
+    metrics = Metrics(lambda adapter: name if adapter == BASE else adapter)
+    engine = Engine(model, tokenizer, registry, max_batch_tokens=max_batch_tokens, max_model_len=max_model_len,
+                    metrics=metrics)
+    settings = Settings(name, api_key, admin_key, max_queue, engine.max_model_len)
+    app = create_app(engine, settings, metrics)
+    if start:
+        engine.start()
+    return app, engine
+
+
+def serve(model: str, adapters=None, host: str = "127.0.0.1", port: int = 8000, threads: int | None = None,
+          **options) -> None:
+    """Load `model` (what every lorakit command takes) and serve it with the adapters until interrupted."""
+    _need_extra()
+    import uvicorn
+    from ..models.load import load_model
+    if threads is not None:
+        torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    loaded, tokenizer = load_model(model)
+    app, engine = build(loaded, tokenizer, model, adapters, **options)
+    log = logging.getLogger("lorakit.serve")
+    log.info("serving %r and adapters %s on http://%s:%d/v1", model, engine.registry.names(), host, port)
+    for folder, why in engine.registry.skipped.items():
+        log.warning("not serving %s: %s", folder, why)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)

@@ -1,0 +1,54 @@
+"""Schema fuzzing against the running server's OpenAPI document: no request a client can send gets a 500.
+
+Hypothesis draws bodies from the documented schemas (and arbitrary JSON for every field), bounded to
+a few dozen examples per endpoint so the test stays quick.
+"""
+
+import httpx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from serving import adapters_dir, server  # noqa: F401  (fixtures)
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True) |
+                    st.text(max_size=20), lambda kids: st.lists(kids, max_size=3) |
+                    st.dictionaries(st.text(max_size=8), kids, max_size=3), max_leaves=8)
+FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "n",
+          "stream_options", "lora_name", "lora_path", "max_completion_tokens"]
+
+
+def good_values():
+    return st.fixed_dictionaries({}, optional={
+        "model": st.sampled_from(["tiny", "a0", "a5", "nope", ""]),
+        "prompt": st.text(max_size=30) | st.lists(st.text(max_size=10), max_size=2),
+        "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "x"]),
+                                                    "content": st.text(max_size=20)}), max_size=3),
+        "max_tokens": st.integers(-3, 300), "temperature": st.floats(-1, 3), "top_p": st.floats(-0.5, 1.5),
+        "stop": st.text(max_size=4) | st.lists(st.text(max_size=4), max_size=6),
+        "seed": st.integers(-2**64, 2**64), "stream": st.booleans(), "n": st.integers(-1, 3),
+        "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+        "lora_name": st.text(max_size=12), "lora_path": st.text(max_size=12)})
+
+
+def bodies():
+    mixed = st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=6)
+    return good_values() | mixed | JSON
+
+
+def test_openapi_document_lists_the_endpoints(server):
+    spec = httpx.get(server.url + "/openapi.json", headers={"Authorization": "Bearer secret"}).json()
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/load_lora_adapter"} <= set(spec["paths"])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter",
+                             "/v1/unload_lora_adapter", "/v1/models", "/v1/nothing"]),
+       body=bodies(), key=st.sampled_from(["secret", "root", "bad"]))
+def test_no_500s(server, path, body, key):
+    if isinstance(body, dict) and body.get("max_tokens", 0) and isinstance(body.get("max_tokens"), int):
+        body["max_tokens"] = min(body["max_tokens"], 8)  # keep generation short
+    r = httpx.post(server.url + path, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    assert r.status_code < 500, (path, body, r.status_code, r.text)
+    if r.status_code >= 400:
+        err = r.json()["error"]
+        assert err["code"] == r.status_code and err["message"]
