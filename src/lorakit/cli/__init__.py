@@ -7,6 +7,7 @@
     lorakit inspect ADAPTER_DIR [--png FILE] [--json]
     lorakit combine DIR_A DIR_B --weights 0.7 0.3 --method linear --rank 16 --out DIR
     lorakit demo [CONFIG]
+    lorakit intrinsic-dim CONFIG --dims 10,100,1000 [--over adapter|model] [--said] [--json]
 
 Errors print one line (`lorakit: error: ...`) and exit 2; no traceback for bad input.
 """
@@ -17,10 +18,10 @@ import argparse
 import sys
 
 from ..errors import LorakitError
-from . import combine, demo, evaluate, generate, inspection, merge, train
+from . import combine, demo, evaluate, generate, inspection, intrinsic_dim, merge, train
 
 VERBS = {"train": train, "eval": evaluate, "generate": generate, "merge": merge, "inspect": inspection,
-         "combine": combine, "demo": demo}
+         "combine": combine, "demo": demo, "intrinsic-dim": intrinsic_dim}
 
 
 def _parser() -> argparse.ArgumentParser:
