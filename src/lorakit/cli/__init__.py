@@ -4,7 +4,7 @@
     lorakit eval --model M [--adapter DIR] --data FILE --metric exact_match|perplexity|kl [--json]
     lorakit generate --model M [--adapter DIR] [--prompt TEXT]
     lorakit merge --model M --adapter DIR --out DIR
-    lorakit inspect ADAPTER_DIR [--png FILE] [--json]
+    lorakit inspect ADAPTER_DIR [--compare OTHER_DIR] [--png FILE] [--json]
     lorakit combine DIR_A DIR_B --weights 0.7 0.3 --method linear --rank 16 --out DIR
     lorakit demo [CONFIG]
     lorakit intrinsic-dim CONFIG --dims 10,100,1000 [--over adapter|model] [--said] [--json]
