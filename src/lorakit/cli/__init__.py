@@ -8,6 +8,7 @@
     lorakit combine DIR_A DIR_B --weights 0.7 0.3 --method linear --rank 16 --out DIR
     lorakit demo [CONFIG]
     lorakit intrinsic-dim CONFIG --dims 10,100,1000 [--over adapter|model] [--said] [--json]
+    lorakit sweep CONFIG --set lora.r=1,2,4 [--set KEY=V1,V2 ...] [--json]
 
 Errors print one line (`lorakit: error: ...`) and exit 2; no traceback for bad input.
 """
@@ -18,10 +19,11 @@ import argparse
 import sys
 
 from ..errors import LorakitError
-from . import combine, demo, evaluate, generate, inspection, intrinsic_dim, merge, train
+from . import combine, demo, evaluate, generate, inspection, intrinsic_dim, merge, sweep, train
 
 VERBS = {"train": train, "eval": evaluate, "generate": generate, "merge": merge, "inspect": inspection,
-         "combine": combine, "demo": demo, "intrinsic-dim": intrinsic_dim}
+         "combine": combine, "demo": demo, "intrinsic-dim": intrinsic_dim,
+         "sweep": sweep}
 
 
 def _parser() -> argparse.ArgumentParser:
