@@ -30,15 +30,21 @@ def effective_rank(sv: torch.Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum())) if len(p) else 0.0
 
 
-def inspect_adapter(directory: str | Path) -> dict:
-    """Per-module report of an adapter folder: r, scaling, ||ΔW||, effective rank, top singular values."""
+def adapter_factors(directory: str | Path) -> tuple[LoraConfig, dict, dict[str, dict]]:
+    """(config, all tensors, {module: {"A": (r, in), "B": (out, r)}}) of an adapter folder (finite checked)."""
     config, tensors = read_adapter(directory)
     refuse_non_finite(directory, tensors)
-    factors: dict[str, dict] = {}  # module -> {"A": ..., "B": ...}
+    factors: dict[str, dict] = {}
     for key, value in tensors.items():
         parsed = parse_factor_key(key.removeprefix(PREFIX))
         if parsed is not None and parsed[1] in ("A", "B"):
             factors.setdefault(parsed[0], {})[parsed[1]] = value
+    return config, tensors, factors
+
+
+def inspect_adapter(directory: str | Path) -> dict:
+    """Per-module report of an adapter folder: r, scaling, ||ΔW||, effective rank, top singular values."""
+    config, tensors, factors = adapter_factors(directory)
     rows = []
     for name in sorted(factors):
         A, B = factors[name]["A"], factors[name]["B"]

@@ -4,11 +4,13 @@
     lorakit eval --model M [--adapter DIR] --data FILE --metric exact_match|perplexity|kl [--json]
     lorakit generate --model M [--adapter DIR] [--prompt TEXT]
     lorakit merge --model M --adapter DIR --out DIR
-    lorakit inspect ADAPTER_DIR [--png FILE] [--json]
+    lorakit inspect ADAPTER_DIR [--compare OTHER_DIR] [--png FILE] [--json]
     lorakit export ADAPTER --format gguf|hf --out PATH [--merged] [--quant q8_0] [--ollama]
     lorakit combine DIR_A DIR_B --weights 0.7 0.3 --method linear --rank 16 --out DIR
     lorakit demo [CONFIG]
     lorakit serve --model M --adapters DIR [--port 8000] [--api-key KEY] [--admin-key KEY]
+    lorakit intrinsic-dim CONFIG --dims 10,100,1000 [--over adapter|model] [--said] [--json]
+    lorakit sweep CONFIG --set lora.r=1,2,4 [--set KEY=V1,V2 ...] [--json]
 
 Errors print one line (`lorakit: error: ...`) and exit 2; no traceback for bad input.
 """
@@ -19,10 +21,11 @@ import argparse
 import sys
 
 from ..errors import LorakitError
-from . import combine, demo, evaluate, export, generate, inspection, merge, serve, train
+from . import combine, demo, evaluate, export, generate, inspection, intrinsic_dim, merge, serve, sweep, train
 
 VERBS = {"train": train, "eval": evaluate, "generate": generate, "merge": merge, "inspect": inspection,
-         "combine": combine, "export": export, "demo": demo, "serve": serve}
+         "combine": combine, "export": export, "demo": demo, "serve": serve, "intrinsic-dim": intrinsic_dim,
+         "sweep": sweep}
 
 
 def _parser() -> argparse.ArgumentParser:
