@@ -9,7 +9,7 @@ STAMP := $(VENV)/.lorakit-installed
 # 2-3x faster this way (measured on the 2-core machine, examples/demo/NOTES.md), with identical numbers.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: demo test bench install clean
+.PHONY: demo test test-slow bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,8 +24,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/lorakit demo
 
+# `make test`: every test but the slow ones (about 5 minutes on 2 cores); `make test-slow`: those (the real
+# default model, fault-injection loops, llama.cpp, torch.compile, fuzzing; about 8 minutes). CI runs both.
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -m "not slow"
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest tests -m slow
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_core.py

@@ -31,3 +31,6 @@ def test_default_model_learns_date_normalisation(tmp_path):
     assert result.steps == 24
     assert sum(losses[-4:]) / 4 < 0.5 * sum(losses[:4]) / 4, losses
     assert before <= 0.1 and after >= before + 0.5, (before, after)
+    # the forgetting check on the shipped general text: the task adapter moved the model, but not far
+    drift = evaluate.forgetting(model, tokenizer, evaluate.general_text()[:16])
+    assert drift["kl"] > 0 and drift["perplexity_change"] < 0.5, drift

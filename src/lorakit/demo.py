@@ -2,7 +2,9 @@
 
 Loads the model once, measures the base model's exact match on the held-out split, trains the
 adapter as configs/demo.yaml says, measures again, and prints the two accuracies and a few
-generations side by side. The report also goes to output_dir/demo_report.json.
+generations side by side, then the forgetting check (base vs adapter perplexity and KL on the
+general text shipped with lorakit, eval/forgetting.py). The report also goes to
+output_dir/demo_report.json.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 from pathlib import Path
 
 from .data import load_records
+from .eval.forgetting import describe, forgetting
 from .eval.generation import exact_match, prompt_and_answer
 from .train import load_run
 
@@ -32,13 +35,15 @@ def run_demo(config_path: str | Path = "configs/demo.yaml", overrides: list[str]
     result = train(cfg, model=model, tokenizer=tokenizer, overwrite=True)  # a demo re-run keeps the last one aside
     t_train = time.time()
     tuned = exact_match(model, tokenizer, rows, progress=True)
+    print("lorakit demo: the forgetting check on general text", flush=True)
+    drift = forgetting(model, tokenizer)
     t_end = time.time()
     report = {"model": cfg.model, "n": len(rows), "base_exact_match": base["exact_match"],
               "adapter_exact_match": tuned["exact_match"],
               "gain_points": 100 * (tuned["exact_match"] - base["exact_match"]),
               "seconds": {"load_and_base_eval": round(t_base - t0, 1), "train": round(t_train - t_base, 1),
                           "adapter_eval": round(t_end - t_train, 1), "total": round(t_end - t0, 1)},
-              "train_steps": result.steps, "adapter_dir": str(result.output_dir)}
+              "forgetting": drift, "train_steps": result.steps, "adapter_dir": str(result.output_dir)}
     _print_report(report, rows, base["samples"], tuned["samples"], samples)
     Path(result.output_dir, "demo_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -61,10 +66,11 @@ def _print_report(report: dict, rows: list, base: list, tuned: list, k: int) -> 
         print(f"{'':{width}s} | {'expected: ' + b['expected']:{2 * width + 3}.{2 * width + 3}s}")
         print("-" * (3 * width + 6))
     s = report["seconds"]
+    print(describe(report["forgetting"]))
     print(f"exact match on {report['n']} held-out examples: base {100 * report['base_exact_match']:.1f}% -> "
           f"adapter {100 * report['adapter_exact_match']:.1f}%  ({report['gain_points']:+.1f} points)")
     print(f"time: load + base eval {s['load_and_base_eval']} s, train {s['train']} s "
-          f"({report['train_steps']} steps), adapter eval {s['adapter_eval']} s, total {s['total']} s")
+          f"({report['train_steps']} steps), adapter eval + forgetting check {s['adapter_eval']} s, total {s['total']} s")
     print(f"adapter (PEFT format): {report['adapter_dir']}")
 
 

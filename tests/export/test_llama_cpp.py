@@ -16,7 +16,7 @@ import torch
 
 llama_cpp = pytest.importorskip("llama_cpp")
 pytest.importorskip("gguf")
-pytestmark = pytest.mark.llamacpp
+pytestmark = [pytest.mark.llamacpp, pytest.mark.slow]
 
 import lorakit  # noqa: E402
 from lorakit.adapters import manage  # noqa: E402

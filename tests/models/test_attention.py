@@ -110,6 +110,7 @@ def test_flat_attention_under_gradient_checkpointing():
                  padded)
 
 
+@pytest.mark.slow
 def test_flat_attention_in_compiled_layers():
     """train.compile keeps flat batches: the per-example loop is a graph break inside each compiled layer."""
     model = _model("llama")

@@ -1,10 +1,14 @@
 """Schema fuzzing against the running server's OpenAPI document: no request a client can send gets a 500.
 
-Hypothesis draws bodies from the documented schemas (and arbitrary JSON for every field), bounded to
+Hypothesis draws bodies from the documented schemas (and arbitrary JSON for every field, NaN and
+±Infinity included, which Python's json module writes as bare literals), bounded to
 a few dozen examples per endpoint so the test stays quick.
 """
 
+import json
+
 import httpx
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -40,6 +44,7 @@ def test_openapi_document_lists_the_endpoints(server):
     assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/load_lora_adapter"} <= set(spec["paths"])
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter",
                              "/v1/unload_lora_adapter", "/v1/models", "/v1/nothing"]),
@@ -47,8 +52,20 @@ def test_openapi_document_lists_the_endpoints(server):
 def test_no_500s(server, path, body, key):
     if isinstance(body, dict) and body.get("max_tokens", 0) and isinstance(body.get("max_tokens"), int):
         body["max_tokens"] = min(body["max_tokens"], 8)  # keep generation short
-    r = httpx.post(server.url + path, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    # json.dumps as Python clients send it: NaN and Infinity go out as bare literals (httpx's json= refuses them)
+    r = httpx.post(server.url + path, content=json.dumps(body), timeout=60,
+                   headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
     assert r.status_code < 500, (path, body, r.status_code, r.text)
     if r.status_code >= 400:
         err = r.json()["error"]
         assert err["code"] == r.status_code and err["message"]
+
+
+def test_non_finite_numbers_are_a_400_naming_the_field(server):
+    for field in ("temperature", "top_p"):
+        for literal in ("NaN", "Infinity", "-Infinity"):
+            body = '{"model": "tiny", "prompt": "hi", "max_tokens": 2, "%s": %s}' % (field, literal)
+            r = httpx.post(server.url + "/v1/completions", content=body, timeout=60,
+                           headers={"Authorization": "Bearer secret", "Content-Type": "application/json"})
+            assert 400 <= r.status_code < 500, (field, literal, r.status_code, r.text)
+            assert r.json()["error"]["code"] == r.status_code

@@ -59,6 +59,7 @@ def _start(args, out, min_rows: int) -> subprocess.Popen:
     return child
 
 
+@pytest.mark.slow
 def test_sigterm_then_sigkill_always_leaves_latest_complete(tiny_model_dir, data_file, tmp_path):
     """What a scheduler or `docker stop` does: SIGTERM, then SIGKILL 2-17 ms later, mid-save. Checkpoints every
     step make the kill land inside a save most times."""
@@ -81,6 +82,7 @@ def test_sigterm_then_sigkill_always_leaves_latest_complete(tiny_model_dir, data
     assert not list((last / "checkpoints").glob(".step-*"))  # what the kill left half-written is gone
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_resumes_bit_identically(tiny_model_dir, data_file, tmp_path):
     """SIGKILL at a random moment of a run with checkpoints every 2 steps; resuming reaches the adapter of the
     uninterrupted run exactly."""

@@ -133,7 +133,7 @@ def _adapter_grads(model, batch, lean: bool = False) -> tuple[float, dict]:
     return loss.item() / n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("switch", ["gradient_checkpointing", "compile"])
+@pytest.mark.parametrize("switch", ["gradient_checkpointing", pytest.param("compile", marks=pytest.mark.slow)])
 def test_speed_switches_keep_loss_and_gradients(switch):
     """Per-layer gradient checkpointing (with the trainer's rebuilt activations around it) and per-layer
     torch.compile change speed and memory, not numbers."""

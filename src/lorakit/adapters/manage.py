@@ -18,6 +18,7 @@ from ..config import ALL_LINEAR, LoraConfig
 from ..errors import LorakitError
 from ..layers import DoRA, LoraLayer
 from .inject import ModulesToSave, find_targets, resolve_targets, layer_kind, unwrap, wrap, wrap_modules_to_save
+from .placement import compute_device
 
 CONFIGS_ATTR = "lorakit_configs"
 
@@ -70,7 +71,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", act
         layer.add(name, r=config.rank_for(target), scaling=config.scaling_for(target),
                   dropout=config.lora_dropout, init=config.init_lora_weights,
                   variant=DoRA() if config.use_dora else None, upcast=autocast_adapter_dtype,
-                  bias=config.lora_bias)
+                  bias=config.lora_bias, device=compute_device(layer.base_layer))
         if config.lora_fa:  # LoRA-FA (Zhang et al. 2023): A stays at its random init; only B trains
             layer.lora_A[name].requires_grad_(False)
     if config.modules_to_save:

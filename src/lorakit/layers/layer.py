@@ -115,8 +115,12 @@ class LoraLayer(nn.Module):
     # -- adapters ------------------------------------------------------------------------------------
 
     def add(self, name: str, r: int, scaling: float, dropout: float = 0.0, init: bool | str = True,
-            variant: Variant | None = None, upcast: bool = True, bias: bool = False) -> None:
+            variant: Variant | None = None, upcast: bool = True, bias: bool = False,
+            device: torch.device | None = None) -> None:
         """Create adapter `name`. RNG use mirrors PEFT so the same seed gives the same weights.
+
+        device: where the adapter lives; default the base weight's device. A base whose weight is
+        offloaded (on the meta device, brought in at call time by a wrapper) needs its compute device.
 
         upcast: on a bf16/fp16 base, keep the adapter in fp32 (PEFT's autocast_adapter_dtype=True);
         like PEFT, the values pass through the base dtype first, so both round identically.
@@ -128,6 +132,10 @@ class LoraLayer(nn.Module):
             raise LorakitError(f"lora_bias=True is not supported for {self._label()}"
                                f"{' with DoRA' if variant is not None else ''}; set lora_bias=False")
         dev, dtype = self._param_device_dtype()
+        dev = torch.device(device) if device is not None else dev
+        if dev.type == "meta":
+            raise LorakitError(f"{self._label()}: its weight is on the meta device (offloaded), so the adapter "
+                               "needs a compute device; pass device= (add_adapter finds accelerate's)")
         A, B = self._factor_shapes(r)
         if self.kind == "embedding":  # PEFT: randn, then zeros(A) / normal(B)
             A.normal_(), B.normal_()
@@ -141,6 +149,9 @@ class LoraLayer(nn.Module):
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.generation += 1
         if isinstance(init, str) and init.startswith("pissa"):
+            if self.base_layer.weight.is_meta:
+                raise LorakitError(f"{self._label()}: PiSSA init needs the base weight, which is offloaded (meta); "
+                                   "load the model without disk offload (model_kwargs.device_map) or use init=True")
             self._pissa_init(name, init)
         elif init is not False:
             self._reset(name, init)
@@ -284,7 +295,8 @@ class LoraLayer(nn.Module):
     def _fused_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
         """The adapter to run through fused.lora_linear, or None for the general path.
 
-        Only the plain training case: grad on, a plain nn.Linear with a frozen weight and no hooks, one
+        Only the plain training case: grad on, a plain nn.Linear with a frozen weight in memory and no
+        hooks or instance-level forward (accelerate's offload wrapper brings the weight in at call time), one
         active unmerged plain adapter without dropout, one dtype throughout, no autocast, no per-row
         plan. Everything else (inference, quantized or hooked bases, several adapters, variants,
         mixed precision) takes the general path, which gives the same values.
@@ -292,7 +304,8 @@ class LoraLayer(nn.Module):
         if not torch.is_grad_enabled() or self.disabled or args or kwargs or self.kind != "linear":
             return None
         base = self.base_layer
-        if (type(base) is not nn.Linear or base.weight.requires_grad or base._forward_hooks
+        if (type(base) is not nn.Linear or base.weight.requires_grad or base.weight.is_meta
+                or "forward" in vars(base) or base._forward_hooks
                 or base._forward_pre_hooks or nn.modules.module._global_forward_hooks
                 or torch.is_autocast_enabled(x.device.type) or _ROW_PLAN.get() is not None):
             return None
@@ -346,6 +359,9 @@ class LoraLayer(nn.Module):
     @torch.no_grad()
     def merge(self, names: list[str] | None = None, safe: bool = False) -> None:
         """Fold adapters into the base weight: W <- W + s·BA (a variant computes its own merged weight)."""
+        if self.base_layer.weight.is_meta:
+            raise LorakitError(f"{self._label()}: cannot merge into an offloaded base weight (meta device); load the "
+                               "model without disk offload (no model_kwargs.device_map / max_memory) to merge")
         for name in names if names is not None else self.active_adapters:
             if name in self.merged_adapters or name not in self.lora_A:
                 continue

@@ -80,6 +80,15 @@ class TrainSection:
 
 
 @dataclass
+class ModelKwargsSection:
+    """How transformers places the base (from_pretrained's own keys): big bases on small devices."""
+    device_map: Any = None  # None | auto | balanced | balanced_low_0 | sequential | cpu | cuda | {module: device}
+    max_memory: Any = None  # {device: "2GiB"}, e.g. {0: 20GiB, cpu: 60GiB}; the rest is offloaded to disk
+    offload_folder: str | None = None  # for disk offload of non-safetensors weights (safetensors are read in place)
+    attn_implementation: str | None = None  # eager | sdpa | flash_attention_2 (transformers' choice when unset)
+
+
+@dataclass
 class RunConfig:
     model: str = "smollm2-135m-instruct"
     output_dir: str = "runs/default"
@@ -87,6 +96,7 @@ class RunConfig:
     data: DataSection = field(default_factory=DataSection)
     lora: LoraSection = field(default_factory=LoraSection)
     train: TrainSection = field(default_factory=TrainSection)
+    model_kwargs: ModelKwargsSection = field(default_factory=ModelKwargsSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -110,7 +120,8 @@ def _yaml(text: str):
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
-SECTIONS = {"data": DataSection, "lora": LoraSection, "train": TrainSection}
+SECTIONS = {"data": DataSection, "lora": LoraSection, "train": TrainSection, "model_kwargs": ModelKwargsSection}
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential", "cpu", "cuda")
 TOP_KEYS = {"model", "output_dir", "name"} | set(SECTIONS)
 VARIANTS = ("lora", "dora", "lora_fa")
 
@@ -228,7 +239,8 @@ def _build(raw: dict, lines: dict, source: str) -> RunConfig:
     typed = _type_problems(cfg)
     problems += [f"{where(k)}: {msg}" for k, msg in typed]
     if not typed:  # values of the right types: now their ranges, and the LoraConfig they make
-        problems += [f"{where(k)}: {msg}" for k, msg in _value_problems(cfg) + _lora_problems(cfg)]
+        problems += [f"{where(k)}: {msg}" for k, msg in _value_problems(cfg) + _lora_problems(cfg)
+                                                       + _placement_problems(cfg.model_kwargs)]
     LorakitError.collect(problems, f"Invalid run config ({source}):")
     return cfg
 
@@ -275,6 +287,21 @@ _LORA_KEYS = {"r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.d
               "target_modules": "lora.target_modules", "init_lora_weights": "lora.init",
               "modules_to_save": "lora.modules_to_save", "use_rslora": "lora.rslora", "use_dora": "lora.variant",
               "lora_fa": "lora.variant", "base_model_name_or_path": "model"}
+
+
+def _placement_problems(m: ModelKwargsSection) -> list[tuple[str, str]]:
+    p = []
+    if m.device_map is not None and not isinstance(m.device_map, dict) and m.device_map not in DEVICE_MAPS:
+        p.append(("model_kwargs.device_map", f"model_kwargs.device_map must be one of {', '.join(DEVICE_MAPS)} or a "
+                                             f"mapping of module names to devices (got {m.device_map!r})"))
+    if m.max_memory is not None:
+        if not isinstance(m.max_memory, dict) or not all(isinstance(v, (int, str)) for v in m.max_memory.values()):
+            p.append(("model_kwargs.max_memory", "model_kwargs.max_memory must map devices to sizes, e.g. "
+                                                 f"{{0: 20GiB, cpu: 60GiB}} (got {m.max_memory!r})"))
+        elif m.device_map is None:
+            p.append(("model_kwargs.max_memory", "model_kwargs.max_memory only applies with a device map: "
+                                                 "add model_kwargs.device_map: auto"))
+    return p
 
 
 def _lora_problems(cfg: RunConfig) -> list[tuple[str, str]]:

@@ -12,6 +12,8 @@ writes one, and exits cleanly.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import random
@@ -72,7 +74,7 @@ def build(cfg: RunConfig, model=None, tokenizer=None) -> Recipe:
     if model is None:
         from ..models.load import load_model
         model, tokenizer = load_model(cfg.model, dtype=torch.float32 if device.type == "cpu" else None,
-                                      device=device, **_quant_kwargs(cfg))
+                                      device=device, **_quant_kwargs(cfg), **_placement_kwargs(cfg))
     manage.add_adapter(model, lora_config(cfg))
     _adapters_to_fp32(model)
     if t.gradient_checkpointing:
@@ -227,6 +229,12 @@ def _quant_kwargs(cfg: RunConfig) -> dict:
         return {}
     from ..models.quantize import quantization_config
     return {"quantization_config": quantization_config(cfg.lora.quantize)}
+
+
+def _placement_kwargs(cfg: RunConfig) -> dict:
+    """model_kwargs keys that are set, for from_pretrained (device_map with max_memory: accelerate offloads
+    what does not fit; the adapters then live on each layer's compute device, adapters/placement.py)."""
+    return {k: v for k, v in dataclasses.asdict(cfg.model_kwargs).items() if v is not None}
 
 
 def _adapters_to_fp32(model) -> None:

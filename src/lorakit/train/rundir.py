@@ -27,7 +27,8 @@ MAY_CHANGE = {"name", "output_dir", "train.max_steps", "train.epochs", "train.le
               "train.max_grad_norm", "train.warmup_steps", "train.schedule", "train.lora_plus_ratio",
               "train.eval_every", "train.early_stopping_patience", "train.save_every", "train.keep_checkpoints",
               "train.log_every", "train.report_to", "train.device", "train.precision", "train.compile", "train.gradient_checkpointing",
-              "train.flat_batches"}
+              "train.flat_batches", "model_kwargs.device_map", "model_kwargs.max_memory",
+              "model_kwargs.offload_folder", "model_kwargs.attn_implementation"}  # placement: same numbers
 
 
 def claim(out: Path, resume: bool, overwrite: bool) -> Path | None:
