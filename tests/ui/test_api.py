@@ -104,3 +104,28 @@ def test_served_page_wants_the_key_and_shares_the_server(page_served):
     assert get(page_served, "/v1/models", headers=KEY).json()["data"][0]["id"] == "tiny"
     bad = get(page_served, "/ui/api/run", params={"id": "../x"}, headers=KEY)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "id"
+
+
+def test_broken_adapters_get_400_naming_the_problem(tmp_path, trained_runs):
+    import shutil
+    for name in ("config", "tensors", "missing", "zero"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "config" / "adapter_config.json").write_text('{"r": 4')
+    for name in ("tensors", "missing", "zero"):
+        shutil.copy(trained_runs / "fast" / "adapter_config.json", tmp_path / name)
+    (tmp_path / "tensors" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    import torch
+    from safetensors.torch import load_file, save_file
+    trained = load_file(trained_runs / "fast" / "adapter_model.safetensors")
+    save_file({k: torch.zeros_like(v) for k, v in trained.items()}, tmp_path / "zero" / "adapter_model.safetensors")
+    s = start_page(trained_runs, tmp_path)
+    try:
+        listed = {a["id"]: a for a in get(s, "/ui/api/adapters").json()["adapters"]}
+        assert "unreadable" in listed["adapters:config"]["problem"]
+        for name, words in (("config", "not valid JSON"), ("tensors", "safetensors"), ("missing", "not found")):
+            r = get(s, "/ui/api/adapter", params={"id": f"adapters:{name}"})
+            assert r.status_code == 400 and words in r.json()["error"]["message"], (name, r.text)
+        r = get(s, "/ui/api/similarity", params={"a": "adapters:zero", "b": "runs:fast"})
+        assert r.status_code == 400 and "zero update" in r.json()["error"]["message"]
+    finally:
+        s.stop()

@@ -98,3 +98,14 @@ def test_read_run_gives_the_resolved_config_nested_and_flat(tmp_path):
         runs.read_run(tmp_path, "plain")
     with pytest.raises(Refused):
         runs.read_run(tmp_path, "../r")
+
+
+def test_summaries_are_reused_only_while_the_log_is_unchanged(tmp_path):
+    folder = write_run(tmp_path / "r", ROWS[:1])
+    cache = runs.Summaries()
+    assert runs.find_runs(tmp_path, cache)[0]["final"]["loss"] == 2.0
+    with open(folder / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(ROWS[1]) + "\n")
+    assert runs.find_runs(tmp_path, cache)[0]["final"]["loss"] == 1.5  # the size changed: read again
+    (folder / "metrics.jsonl").unlink()
+    assert runs.find_runs(tmp_path, cache)[0]["final"] == {"steps": 0}

@@ -60,6 +60,9 @@ def answer(call, param: str | None = None):
         return error(404, str(e), "NotFoundError", param)
     except LorakitError as e:
         return error(400, str(e), "BadRequestError", param)
+    except FileNotFoundError as e:  # removed between listing and reading
+        return error(404, f"{e.filename or 'a file'} is gone (deleted or moved while the page was open)",
+                     "NotFoundError", param)
 
 
 def router(page: Page) -> APIRouter:
@@ -70,6 +73,7 @@ def router(page: Page) -> APIRouter:
         if given[7:] not in (page.api_key, page.admin_key) or not given.lower().startswith("bearer "):
             raise _Unauthorized()
 
+    summaries = run_views.Summaries()  # this page's; each entry is checked against its file's stat
     r = APIRouter()
     api = APIRouter(prefix="/ui/api", dependencies=[Depends(auth)])
 
@@ -90,7 +94,7 @@ def router(page: Page) -> APIRouter:
 
     @api.get("/runs")
     def runs():
-        return answer(lambda: {"runs": run_views.find_runs(need_runs())})
+        return answer(lambda: {"runs": run_views.find_runs(need_runs(), summaries)})
 
     @api.get("/run")
     def run(id: str = Query(..., description="run folder relative to --runs")):

@@ -34,14 +34,34 @@ def is_run(folder: Path) -> bool:
     return (folder / "run.yaml").is_file() or (folder / "metrics.jsonl").is_file()
 
 
-def find_runs(root: Path) -> list[dict]:
+class Summaries:
+    """Final figures per metrics.jsonl, reused while the file's (inode, size, mtime) is unchanged, so a
+    page listing many runs every few seconds does not re-read the logs that did not change."""
+
+    def __init__(self):
+        self._entries: dict[Path, tuple[tuple, dict]] = {}
+
+    def final(self, path: Path) -> dict:
+        try:
+            st = path.stat()
+        except OSError:
+            self._entries.pop(path, None)
+            return final_metrics([])
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        hit = self._entries.get(path)
+        if hit is None or hit[0] != key:
+            hit = self._entries[path] = (key, final_metrics(_rows(path)))
+        return hit[1]
+
+
+def find_runs(root: Path, summaries: Summaries | None = None) -> list[dict]:
     """Summaries of every run folder under root, newest first."""
     root = Path(root)
     if not root.is_dir():
         raise LorakitError(f"--runs {str(root)!r} is not a folder; give the folder your runs are written to")
     found = []
     for folder in _walk(root, root, 0):
-        found.append(summary(root, folder))
+        found.append(summary(root, folder, summaries))
         if len(found) >= MAX_RUNS:
             break
     return sorted(found, key=lambda r: -r["modified"])
@@ -68,12 +88,12 @@ def run_folder(root: Path, run_id: str) -> Path:
     return folder
 
 
-def summary(root: Path, folder: Path) -> dict:
-    """Name, status and final figures of one run (reads its whole metrics.jsonl once)."""
-    rows = _rows(folder / "metrics.jsonl")
+def summary(root: Path, folder: Path, summaries: Summaries | None = None) -> dict:
+    """Name, status and final figures of one run (its metrics.jsonl read whole, or reused from summaries)."""
     status, modified = _status(folder)
+    final = (summaries or Summaries()).final(folder / "metrics.jsonl")
     return {"id": folder.relative_to(root).as_posix(), "name": folder.name, "status": status,
-            "modified": modified, "final": final_metrics(rows)}
+            "modified": modified, "final": final}
 
 
 def read_run(root: Path, run_id: str) -> dict:
