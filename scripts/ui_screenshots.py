@@ -73,7 +73,8 @@ def start(args):
 
 
 def shoot(driver, path: Path, element_id: str | None = None) -> None:
-    """The whole page (window grown to the document), or one element."""
+    """The whole page (window grown to the document, scrolled to the top), or one element."""
+    driver.execute_script("window.scrollTo(0, 0)")
     height = driver.execute_script("return document.documentElement.scrollHeight")
     driver.set_window_size(1400, min(max(900, height + 20), 4000))
     time.sleep(0.4)
@@ -110,8 +111,7 @@ def adapters_view(driver, url, out, picks):
     shoot(driver, out / "ui-adapters.png")
     driver.find_element("css selector", f'#adapter-table tr[data-adapter="{picks[1]}"]').click()
     wait(lambda: "mean over" in driver.find_element("id", "compare-table").text, timeout=300, what="the similarity")
-    driver.execute_script("document.getElementById('adapter-compare').scrollIntoView()")
-    shoot(driver, out / "ui-similarity.png")
+    shoot(driver, out / "ui-similarity.png", "adapter-compare")
 
 
 def playground_view(driver, url, out, models, prompt, model_given):

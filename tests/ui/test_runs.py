@@ -109,3 +109,14 @@ def test_summaries_are_reused_only_while_the_log_is_unchanged(tmp_path):
     assert runs.find_runs(tmp_path, cache)[0]["final"]["loss"] == 1.5  # the size changed: read again
     (folder / "metrics.jsonl").unlink()
     assert runs.find_runs(tmp_path, cache)[0]["final"] == {"steps": 0}
+
+
+def test_a_slow_run_counts_as_training_for_three_of_its_steps(tmp_path):
+    slow = [{"step": 1, "loss": 1.0, "elapsed_s": 200.0}, {"step": 2, "loss": 0.9, "elapsed_s": 400.0}]
+    folder = write_run(tmp_path / "r", slow)
+    quiet = time.time() - 500  # 500 s without a row: quiet for a 2-s step, not for a 200-s one
+    os.utime(folder / "metrics.jsonl", (quiet, quiet))
+    assert runs.summary(tmp_path, folder)["status"] == "training"
+    write_run(tmp_path / "q", ROWS[:2])
+    os.utime(tmp_path / "q" / "metrics.jsonl", (quiet, quiet))
+    assert runs.summary(tmp_path, tmp_path / "q")["status"] == "stopped"

@@ -25,7 +25,7 @@ from .folders import Missing, contained, inside
 
 MAX_DEPTH = 4  # folders below the root searched for runs (runs/sweep/r=4 is depth 2)
 MAX_RUNS = 500
-LIVE_S = 120  # metrics written this recently (and no final adapter yet): the run is training
+LIVE_S = 120  # metrics written this recently (or within 3 mean steps), no final adapter yet: training
 SKIP = {"checkpoints", "best", "__pycache__", ".git"}
 MAX_READ = 8 << 20  # bytes of metrics.jsonl one request reads; the page asks again for the rest
 
@@ -90,8 +90,9 @@ def run_folder(root: Path, run_id: str) -> Path:
 
 def summary(root: Path, folder: Path, summaries: Summaries | None = None) -> dict:
     """Name, status and final figures of one run (its metrics.jsonl read whole, or reused from summaries)."""
-    status, modified = _status(folder)
     final = (summaries or Summaries()).final(folder / "metrics.jsonl")
+    step_s = final["elapsed_s"] / final["steps"] if _num(final.get("elapsed_s")) and final["steps"] else 0.0
+    status, modified = _status(folder, max(LIVE_S, 3 * step_s))
     return {"id": folder.relative_to(root).as_posix(), "name": folder.name, "status": status,
             "modified": modified, "final": final}
 
@@ -143,15 +144,15 @@ def final_metrics(rows: list[dict]) -> dict:
     return out
 
 
-def _status(folder: Path) -> tuple[str, float]:
+def _status(folder: Path, live_s: float = LIVE_S) -> tuple[str, float]:
     """("finished" | "training" | "stopped", last modification time): finished when the final adapter is
-    newer than run.yaml (written at each start and resume), training while metrics are fresh."""
+    newer than run.yaml (written at each start and resume), training while metrics are fresher than live_s."""
     metrics, config, adapter = (folder / n for n in ("metrics.jsonl", "run.yaml", "adapter_model.safetensors"))
     times = [p.stat().st_mtime for p in (metrics, config, adapter) if p.is_file()]
     modified = max(times, default=0.0)
     if adapter.is_file() and (not config.is_file() or adapter.stat().st_mtime >= config.stat().st_mtime):
         return "finished", modified
-    if metrics.is_file() and time.time() - metrics.stat().st_mtime < LIVE_S:
+    if metrics.is_file() and time.time() - metrics.stat().st_mtime < live_s:
         return "training", modified
     return "stopped", modified
 

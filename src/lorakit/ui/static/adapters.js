@@ -23,7 +23,7 @@
       const i = state.picked.indexOf(a.id);
       const box = LK.el("input", {type: "checkbox"});
       box.checked = i >= 0;
-      const targets = Array.isArray(a.target_modules) ? a.target_modules.join(", ") : a.target_modules;
+      const targets = compact(a.target_modules);
       const row = LK.el("tr", {class: i >= 0 ? "picked-" + i : "", "data-adapter": a.id},
         LK.el("td", {}, box), LK.el("td", {}, a.id), LK.el("td", {class: "num"}, LK.fmt(a.r)),
         LK.el("td", {class: "num"}, LK.fmt(a.lora_alpha)), LK.el("td", {}, a.problem || targets),
@@ -31,6 +31,13 @@
       row.addEventListener("click", () => pick(a.id));
       body.append(row);
     }
+  }
+
+  // Target lists of full module paths (a trained run's) shortened to their distinct last parts.
+  function compact(targets) {
+    if (!Array.isArray(targets)) return targets;
+    const last = [...new Set(targets.map((t) => t.split(".").pop()))];
+    return last.join(", ") + (last.length < targets.length ? ` (${targets.length} modules)` : "");
   }
 
   async function pick(id) {
