@@ -76,7 +76,7 @@ def shoot(driver, path: Path, element_id: str | None = None) -> None:
     """The whole page (window grown to the document, scrolled to the top), or one element."""
     driver.execute_script("window.scrollTo(0, 0)")
     height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(1400, min(max(900, height + 20), 4000))
+    driver.set_window_size(1400, min(max(900, height + 160), 4000))  # the window includes some chrome
     time.sleep(0.4)
     if element_id:
         driver.find_element("id", element_id).screenshot(str(path))

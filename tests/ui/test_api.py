@@ -71,7 +71,8 @@ def test_adapter_report_and_similarity_are_the_analysis_functions(page_alone, ad
     ref = compare_adapters(adapters_dir / "a1", trained_runs / "fast")
     assert [m["phi"] for m in sim["modules"]] == [m["phi"] for m in ref["modules"]]
     r = len(sim["mean"])
-    assert r == 4 and abs(sim["mean"][r - 1][r - 1] - sum(m["phi"][r - 1][r - 1] for m in ref["modules"]) / len(ref["modules"])) < 1e-5
+    mean = sum(m["phi"][r - 1][r - 1] for m in ref["modules"]) / len(ref["modules"])
+    assert r == 4 and abs(sim["mean"][r - 1][r - 1] - mean) < 1e-5
 
 
 def test_page_and_its_files_are_served(page_alone):

@@ -3,6 +3,7 @@ has the points of metrics.jsonl (and follows a run that is still writing it), ad
 inspection report, and a chat answer streams in equal to the API's greedy answer."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -84,7 +85,8 @@ def test_adapter_report_charts_the_inspection_report(browser, page_alone, adapte
     rows_of(browser, "#adapter-table")
     browser.find_element("css selector", '#adapter-table tr[data-adapter="adapters:a2"]').click()
     data = wait(lambda: browser.execute_script("return LK.charts.norm && LK.charts.norm.data"), what="the norm chart")
-    want = inspect_adapter(adapters_dir / "a2")["modules"]
+    want = sorted(inspect_adapter(adapters_dir / "a2")["modules"],  # layer order: layers.2 before layers.10
+                  key=lambda m: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", m["module"])])
     assert data[1] == [m["delta_norm"] for m in want]
     assert browser.execute_script("return LK.charts.rank.data[1]") == [m["effective_rank"] for m in want]
     browser.find_element("css selector", '#adapter-table tr[data-adapter="runs:fast"]').click()

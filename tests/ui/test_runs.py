@@ -80,7 +80,8 @@ def test_metrics_from_offsets_wait_for_whole_lines(tmp_path):
 def test_torn_and_non_finite_rows_are_left_out(tmp_path):
     folder = tmp_path / "r"
     folder.mkdir()
-    (folder / "metrics.jsonl").write_text('{"step": 1, "loss": NaN}\n{"step": 2, "lo\n[1, 2]\n{"step": 3, "loss": 1.0}\n')
+    (folder / "metrics.jsonl").write_text('{"step": 1, "loss": NaN}\n{"step": 2, "lo\n[1, 2]\n'
+                                          '{"step": 3, "loss": 1.0}\n')
     rows = runs.read_metrics_from(tmp_path, "r", 0)["rows"]
     assert rows == [{"step": 1, "loss": None}, {"step": 3, "loss": 1.0}]
     assert runs.final_metrics(rows)["loss"] == 1.0

@@ -83,7 +83,8 @@ def router(page: Page) -> APIRouter:
 
     @api.get("/info")
     def info():
-        why = None if page.model else "the playground needs a model: start with `lorakit ui --model M` (or use `lorakit serve`)"
+        why = None if page.model else ("the playground needs a model: start with `lorakit ui --model M` "
+                                       "(or use `lorakit serve`)")
         return {"model": page.model, "runs": page.runs is not None, "adapters": page.adapters is not None,
                 "auth": page.api_key is not None, "playground": why}
 

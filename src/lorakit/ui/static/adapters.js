@@ -1,5 +1,5 @@
 // The Adapters view: the adapter list; one picked adapter's inspection report as bar charts (||ΔW||
-// and effective rank per module, model order); two picked: both reports and their subspace
+// and effective rank per module, in layer order); two picked: both reports and their subspace
 // similarity φ(i, j) (the mean over modules as a heat map, φ(k, k) per module as a table).
 "use strict";
 (() => {
@@ -33,6 +33,9 @@
     }
   }
 
+  // Layer order: "layers.2" before "layers.10" (the report lists modules as plain sorted strings).
+  const natural = (a, b) => a.localeCompare(b, "en", {numeric: true});
+
   // Target lists of full module paths (a trained run's) shortened to their distinct last parts.
   function compact(targets) {
     if (!Array.isArray(targets)) return targets;
@@ -62,7 +65,7 @@
     $("adapter-report").hidden = !state.picked.length;
     if (!state.picked.length) return;
     const reps = state.picked.map((id) => state.reports[id]);
-    const modules = [...new Set(reps.flatMap((r) => r.modules.map((m) => m.module)))];
+    const modules = [...new Set(reps.flatMap((r) => r.modules.map((m) => m.module)))].sort(natural);
     const index = new Map(modules.map((m, i) => [m, i]));
     $("adapter-summary").textContent = reps.map((r) =>
       `${r.id}: r=${r.config.r}, alpha=${r.config.lora_alpha}, ${r.modules.length} modules, ` +
@@ -84,7 +87,7 @@
     LK.charts[name] = new uPlot({
       title, width: Math.max(300, el.clientWidth - 12), height: 260,
       scales: {x: {time: false, range: (u, lo, hi) => [lo - 0.6, hi + 0.6]}, y: {range: (u, lo, hi) => [0, hi * 1.08 || 1]}},
-      axes: [{label: "module (model order)", size: 40}, {size: 60, values: (u, v) => v.map((x) => LK.fmt(x, 2))}],
+      axes: [{label: "module (layer order)", size: 40}, {size: 60, values: (u, v) => v.map((x) => LK.fmt(x, 2))}],
       series: [{label: "module", value: (u, v) => v === null || v === undefined ? "" : modules[v] || ""},
         ...series.map((s, i) => ({label: s.label, stroke: s.color, fill: s.color + "cc", width: 0,
           paths: uPlot.paths.bars({size: [two ? 0.4 : 0.8, 40], align: two ? (i ? 1 : -1) : 0}),
@@ -115,7 +118,7 @@
     const r = Math.min(...sim.modules.map((m) => Math.min(m.r1, m.r2)));
     const ks = [1, 2, 4, 8, 16, 32, 64].filter((k) => k <= r);
     t.append(LK.el("tr", {}, LK.el("th", {}, "module"), ...ks.map((k) => LK.el("th", {}, `φ(${k},${k})`))));
-    for (const m of sim.modules) {
+    for (const m of [...sim.modules].sort((x, y) => natural(x.module, y.module))) {
       t.append(LK.el("tr", {}, LK.el("td", {}, m.module), ...ks.map((k) => LK.el("td", {class: "num"}, m.phi[k - 1][k - 1].toFixed(3)))));
     }
     if (sim.mean) {
