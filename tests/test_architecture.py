@@ -26,6 +26,7 @@ FLOORS = [
     ["lorakit.combine", "lorakit.eval"],
     ["lorakit.train"],
     ["lorakit.analysis", "lorakit.peft_compat", "lorakit.demo", "lorakit.export", "lorakit.serve"],
+    ["lorakit.ui"],
     ["lorakit.cli"],
     ["lorakit", "lorakit.__main__"],
 ]

@@ -8,9 +8,10 @@
     lorakit export ADAPTER --format gguf|hf --out PATH [--merged] [--quant q8_0] [--ollama]
     lorakit combine DIR_A DIR_B --weights 0.7 0.3 --method linear --rank 16 --out DIR
     lorakit demo [CONFIG]
-    lorakit serve --model M --adapters DIR [--port 8000] [--api-key KEY] [--admin-key KEY]
+    lorakit serve --model M --adapters DIR [--port 8000] [--api-key KEY] [--admin-key KEY] [--runs DIR]
     lorakit intrinsic-dim CONFIG --dims 10,100,1000 [--over adapter|model] [--said] [--json]
     lorakit sweep CONFIG --set lora.r=1,2,4 [--set KEY=V1,V2 ...] [--json]
+    lorakit ui [--runs DIR] [--adapters DIR] [--model M] [--port 7860] [--api-key KEY]
 
 Errors print one line (`lorakit: error: ...`) and exit 2; no traceback for bad input.
 """
@@ -21,11 +22,11 @@ import argparse
 import sys
 
 from ..errors import LorakitError
-from . import combine, demo, evaluate, export, generate, inspection, intrinsic_dim, merge, serve, sweep, train
+from . import combine, demo, evaluate, export, generate, inspection, intrinsic_dim, merge, serve, sweep, train, ui
 
 VERBS = {"train": train, "eval": evaluate, "generate": generate, "merge": merge, "inspect": inspection,
          "combine": combine, "export": export, "demo": demo, "serve": serve, "intrinsic-dim": intrinsic_dim,
-         "sweep": sweep}
+         "sweep": sweep, "ui": ui}
 
 
 def _parser() -> argparse.ArgumentParser:

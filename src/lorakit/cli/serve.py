@@ -21,11 +21,19 @@ def add(sub) -> None:
     p.add_argument("--max-queue", type=positive_int, default=256, help="waiting requests before 429")
     p.add_argument("--max-model-len", type=positive_int, help="prompt + completion tokens (default: the model's)")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--runs", help="training runs the web page at / shows (as `lorakit ui --runs`)")
+    p.add_argument("--no-page", action="store_true", help="no web page at / (the API only)")
 
 
 def run(args) -> int:
     from ..serve.server import serve
+    extend = None
+    if not args.no_page:
+        from ..ui.app import page_for
+        from ..ui.api import mount
+        page = page_for(args.runs, args.adapters, args.model, args.api_key, args.admin_key)
+        extend = lambda app: mount(app, page)  # noqa: E731
     serve(model=args.model, adapters=args.adapters, host=args.host, port=args.port, max_loaded=args.max_loaded,
-          api_key=args.api_key, admin_key=args.admin_key, max_batch_tokens=args.max_batch_tokens,
+          extend=extend, api_key=args.api_key, admin_key=args.admin_key, max_batch_tokens=args.max_batch_tokens,
           max_queue=args.max_queue, max_model_len=args.max_model_len, threads=args.threads)
     return 0

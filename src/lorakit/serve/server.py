@@ -48,8 +48,9 @@ def build(model, tokenizer, name: str, adapters=None, max_loaded: int = 8, api_k
 
 
 def serve(model: str, adapters=None, host: str = "127.0.0.1", port: int = 8000, threads: int | None = None,
-          **options) -> None:
-    """Load `model` (what every lorakit command takes) and serve it with the adapters until interrupted."""
+          extend=None, **options) -> None:
+    """Load `model` (what every lorakit command takes) and serve it with the adapters until interrupted.
+    extend: called with the app before it serves, to add routes from a floor above (the web page, lorakit.ui)."""
     _need_extra()
     import uvicorn
     from ..models.load import load_model
@@ -58,6 +59,8 @@ def serve(model: str, adapters=None, host: str = "127.0.0.1", port: int = 8000, 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     loaded, tokenizer = load_model(model)
     app, engine = build(loaded, tokenizer, model, adapters, **options)
+    if extend is not None:
+        extend(app)
     log = logging.getLogger("lorakit.serve")
     log.info("serving %r and adapters %s on http://%s:%d/v1", model, engine.registry.names(), host, port)
     for folder, why in engine.registry.skipped.items():
