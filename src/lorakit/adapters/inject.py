@@ -201,7 +201,7 @@ def wrap_modules_to_save(model: nn.Module, config: LoraConfig, adapter: str) -> 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """Replace every LoraLayer by its base layer and every ModulesToSave by its active copy."""
-    for name, mod in list(model.named_modules()):
+    for name, mod in reversed(list(model.named_modules())):  # inner first: an attention's out_proj layer
         if isinstance(mod, LoraLayer):
             parent, child = _parent(model, name)
             setattr(parent, child, mod.base_layer)

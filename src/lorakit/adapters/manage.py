@@ -49,8 +49,11 @@ def _check_name(model: nn.Module, name: str, must_exist: bool) -> None:
 
 
 def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", activate: bool = True,
-                autocast_adapter_dtype: bool = True) -> nn.Module:
+                autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> nn.Module:
     """Wrap the targeted layers, create adapter `name` in each, freeze everything else.
+
+    low_cpu_mem_usage (PEFT's): the adapter's tensors are created empty on the meta device, to be filled
+    by loading its state dict (peft_compat.set_peft_model_state_dict, load_adapter); it cannot run before.
 
     Trainable afterwards: the adapter's A, B (A frozen with lora_fa), DoRA magnitudes, modules_to_save
     copies, and biases when config.bias is 'all' or 'lora_only'.
@@ -70,7 +73,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", act
         layer.add(name, r=config.rank_for(target), scaling=config.scaling_for(target),
                   dropout=config.lora_dropout, init=config.init_lora_weights,
                   variant=DoRA() if config.use_dora else None, upcast=autocast_adapter_dtype,
-                  bias=config.lora_bias)
+                  bias=config.lora_bias, meta=low_cpu_mem_usage)
         if config.lora_fa:  # LoRA-FA (Zhang et al. 2023): A stays at its random init; only B trains
             layer.lora_A[name].requires_grad_(False)
     if config.modules_to_save:

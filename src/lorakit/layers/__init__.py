@@ -2,9 +2,11 @@
 
     layer.py      LoraLayer (add/delete, forward, delta weight, merge/unmerge), the Variant protocol,
                   the per-call row plan (a context variable)
-    bases.py      base kinds (Linear, Conv1D, Embedding) behind one small registry
+    bases.py      base kinds (Linear, Conv1D, Embedding, Conv1d/2d/3d, MultiheadAttention) behind one registry
+    mha.py        nn.MultiheadAttention: in_proj and out_proj adapters, the adapted attention forward
+    pissa.py      PiSSA initialisation from the base weight's SVD
     bnb.py        bitsandbytes 4/8-bit base kinds, registered like any other
-    dora.py       DoRA as a variant object that owns its caches
+    dora.py       DoRA (linear, conv, embedding) as a variant object that owns its caches
     mixed.py      per-row adapters in one forward (RowPlan, the stacked and segment paths)
     tokens.py     per-token adapters in one flat (1, N) forward (TokenPlan, for serving steps)
     fused.py      the training fast path: one autograd node per LoRA linear
@@ -21,7 +23,7 @@ from .tokens import TokenPlan
 
 
 def layer_kind(module) -> str | None:
-    """'linear' | 'conv1d' | 'embedding' | 'conv' for a module LoRA can wrap, else None."""
+    """'linear' | 'conv1d' | 'embedding' | 'conv' | 'mha' for a module LoRA can wrap, else None."""
     kind = kind_of(module)
     return kind.family if kind is not None else None
 
