@@ -17,7 +17,8 @@ from torch import nn
 from ..config import ALL_LINEAR, LoraConfig
 from ..errors import LorakitError
 from ..layers import DoRA, LoraLayer
-from .inject import ModulesToSave, find_targets, resolve_targets, layer_kind, unwrap, wrap, wrap_modules_to_save
+from .inject import (ModulesToSave, find_parameter_targets, find_targets, layer_kind, resolve_targets, unwrap, wrap,
+                     wrap_modules_to_save)
 
 CONFIGS_ATTR = "lorakit_configs"
 
@@ -64,12 +65,13 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", act
     _check_bias(model, config, name)
     config = resolve_targets(model, config)
     targets = find_targets(model, config)
+    param_targets = find_parameter_targets(model, config, targets)
     if config.target_modules == ALL_LINEAR:  # PEFT records the expanded module names
         config = config.replace(target_modules=sorted(targets))
     if any(layer_kind(model.get_submodule(t)) == "conv1d" for t in targets) and not config.fan_in_fan_out:
         config = config.replace(fan_in_fan_out=True)  # as PEFT does for GPT-2's Conv1D
-    for target in targets:
-        layer = wrap(model, target)
+    for target, parameter in [(t, None) for t in targets] + param_targets:  # PEFT: modules, then parameters
+        layer = wrap(model, target, parameter)
         layer.add(name, r=config.rank_for(target), scaling=config.scaling_for(target),
                   dropout=config.lora_dropout, init=config.init_lora_weights,
                   variant=DoRA() if config.use_dora else None, upcast=autocast_adapter_dtype,

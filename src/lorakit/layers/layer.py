@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LorakitError
-from . import bases, mha, pissa
+from . import bases, mha, param, pissa
 from .fused import lora_linear
 
 # The row plan of the mixed-adapter forward running in this context (mixed.RowPlan), or None.
@@ -84,9 +84,10 @@ class Variant:
 class LoraLayer(nn.Module):
     """A frozen base layer plus any number of named low-rank adapters."""
 
-    def __init__(self, base_layer: nn.Module):
+    def __init__(self, base_layer: nn.Module, kind: bases.BaseKind | None = None):
+        """kind: how to read base_layer's weight; None asks the registry (a ParamKind adapts one parameter)."""
         super().__init__()
-        kind = bases.kind_of(base_layer)
+        kind = kind if kind is not None else bases.kind_of(base_layer)
         if kind is None:
             raise LorakitError(f"cannot add LoRA to {type(base_layer).__name__}; supported: {bases.supported()}")
         kind.prepare(base_layer)
@@ -130,6 +131,8 @@ class LoraLayer(nn.Module):
         meta: PEFT's low_cpu_mem_usage: the adapter's tensors are empty, on the meta device (no memory, no
         RNG, no init), to be assigned by loading a state dict (peft_compat.set_peft_model_state_dict).
         """
+        if self.kind == "param":
+            param.check(dropout, variant, bias)
         if self.kind == "mha":  # in_proj's adapter and out_proj's, in PEFT's order
             mha.check(self, variant, bias)
             return mha.add(self, name, lambda: self._add(name, r, scaling, dropout, init, None, upcast, False, meta),
@@ -253,6 +256,11 @@ class LoraLayer(nn.Module):
                 raise LorakitError("lora.MultiheadAttention does not support mixed adapter batches (as in PEFT): "
                                    f"{self._label()} is adapted; run one adapter per batch")
             return mha.forward(self, x, *args, **kwargs)
+        if self.kind == "param":
+            if _ROW_PLAN.get() is not None:
+                raise LorakitError(f"mixed adapter batches are not supported for LoRA on a parameter "
+                                   f"(target_parameters, {self._label()}), as in PEFT; run one adapter per batch")
+            return param.forward(self, x, *args, **kwargs)
         name = self._fused_adapter(x, args, kwargs)
         if name is not None:  # training fast path: base and adapter in one autograd node
             A, B, b = self.lora_A[name], self.lora_B[name], self.base_layer.bias
@@ -404,7 +412,7 @@ class LoraLayer(nn.Module):
             variant.reset()
 
     def _param_device_dtype(self) -> tuple[torch.device, torch.dtype]:
-        W = self.base_layer.weight if self.kind != "mha" else self.dense_weight()  # never dequantize here
+        W = self.base_layer.weight if self.kind not in ("mha", "param") else self.dense_weight()  # no dequantizing
         fp_base = W.dtype.is_floating_point and not self.base_kind.quantized
         dtype = W.dtype if fp_base else torch.float32  # quantized bases (any quant_storage): fp32 adapters
         return W.device, dtype

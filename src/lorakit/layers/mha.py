@@ -7,7 +7,7 @@ out_proj's forward (it reads out_proj.weight into F.multi_head_attention_forward
     and deleted with the attention's (every adapter of the attention has both);
   * forward runs the attention with W_in + Σ s·B·A and W_out + Σ s·B·A of the live adapters (no dropout,
     as PEFT, whose forward merges and unmerges around the call). Instead of merging in place we let the
-    attention read the adapted weights for the call (_reading), so gradients reach A and B and the stored
+    attention read the adapted weights for the call (reading), so gradients reach A and B and the stored
     weights are never touched. PEFT 0.21.2 adds out_proj's delta twice (its merge adds it by hand, then
     calls out_proj.merge(), which adds it again; huggingface/peft#3774 fixes that); we add it once.
 RNG use follows PEFT: its first adapter initialises out_proj's adapter, then in_proj's, then out_proj's
@@ -43,7 +43,7 @@ def add(layer: nn.Module, name: str, add_in_proj, **kwargs) -> None:
     out_proj.add(name, **kwargs)
 
 
-def _adapted(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor | None:
+def adapted(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor | None:
     """weight + the deltas of `layer`'s live adapters, or None when none is live."""
     live = [] if layer.disabled else layer.live_adapters()
     if not live:
@@ -52,7 +52,7 @@ def _adapted(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor | None:
 
 
 @contextlib.contextmanager
-def _reading(module: nn.Module, name: str, value: torch.Tensor):
+def reading(module: nn.Module, name: str, value: torch.Tensor):
     """Within the block, `module.<name>` reads `value`: an instance attribute shadows the registered parameter
     (which stays registered, in place), as FSDP's use_orig_params views do; so it works under FSDP too,
     where torch.func.functional_call's swap of the registered parameter would be shadowed itself."""
@@ -73,10 +73,10 @@ def forward(layer: nn.Module, query: torch.Tensor, *args, **kwargs):
     base = layer.base_layer
     out_proj = base.out_proj
     with contextlib.ExitStack() as stack:
-        w_in = _adapted(layer, base.in_proj_weight)
+        w_in = adapted(layer, base.in_proj_weight)
         if w_in is not None:
-            stack.enter_context(_reading(base, "in_proj_weight", w_in))
-        w_out = _adapted(out_proj, out_proj.base_layer.weight)
+            stack.enter_context(reading(base, "in_proj_weight", w_in))
+        w_out = adapted(out_proj, out_proj.base_layer.weight)
         if w_out is not None:
-            stack.enter_context(_reading(out_proj.base_layer, "weight", w_out))
+            stack.enter_context(reading(out_proj.base_layer, "weight", w_out))
         return base(query, *args, **kwargs)
