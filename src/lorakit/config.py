@@ -47,7 +47,7 @@ _TASK_TYPES = (None, "CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUEST
 _UNSUPPORTED_OFF = {
     "megatron_config": None, "trainable_token_indices": None, "eva_config": None, "corda_config": None,
     "lora_ga_config": None, "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False,
-    "monteclora_config": None, "layer_replication": None, "target_parameters": None,
+    "monteclora_config": None, "layer_replication": None,
     "use_bdlora": None, "arrow_config": None, "kasa_config": None, "runtime_config": None,
 }
 
@@ -134,6 +134,8 @@ class LoraConfig:
     def _normalise(self) -> None:
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
+        if isinstance(self.target_parameters, (set, tuple)):
+            self.target_parameters = sorted(self.target_parameters)
         if isinstance(self.exclude_modules, (set, tuple)):
             self.exclude_modules = sorted(self.exclude_modules)
         if isinstance(self.modules_to_save, (set, tuple)):
@@ -166,6 +168,7 @@ class LoraConfig:
         if self.layers_pattern and self.layers_to_transform is None:
             p.append(("layers_pattern", "layers_pattern is only used with layers_to_transform; set layers_to_transform too"))
         p += [("exclude_modules", m) for m in _targets_problems("exclude_modules", self.exclude_modules)]
+        p += [("target_parameters", m) for m in _parameters_problems(self)]
         if self.modules_to_save is not None and not (isinstance(self.modules_to_save, list)
                                                      and all(isinstance(m, str) for m in self.modules_to_save)):
             p.append(("modules_to_save", f"modules_to_save must be a list of module names (got {self.modules_to_save!r})"))
@@ -288,6 +291,21 @@ def _unknown_field(name: str, known: dict) -> str:
 def _number(x) -> bool:
     """A real number (int or float, not a bool) that is finite."""
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _parameters_problems(config: "LoraConfig") -> list[str]:
+    """target_parameters: a list of '<module>.<parameter>' names, without what PEFT's ParamWrapper refuses."""
+    spec = config.target_parameters
+    if spec is None or spec == []:
+        return []
+    if not (isinstance(spec, list) and all(isinstance(n, str) and "." in n for n in spec)):
+        return [f"target_parameters must be a list of '<module>.<parameter>' names, e.g. ['lin0.weight'] "
+                f"(got {spec!r})"]
+    bad = [what for what, on in (("lora_dropout", config.lora_dropout), ("use_dora", config.use_dora is True),
+                                 ("lora_bias", config.lora_bias is True), ("fan_in_fan_out", config.fan_in_fan_out is True))
+           if on]
+    return [f"target_parameters cannot be combined with {', '.join(bad)} (as in PEFT); turn {'them' if len(bad) > 1 else 'it'} "
+            "off"] if bad else []
 
 
 def _targets_problems(field_name: str, spec, required: bool = False) -> list[str]:

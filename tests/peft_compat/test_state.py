@@ -97,3 +97,23 @@ def test_modules_to_save_buffers_round_trip(tmp_path):
         again.running_mean, torch.zeros(4))
     loaded.delete_adapter("default")  # an adapter with modules_to_save deletes cleanly
     assert not isinstance(loaded.base_model.model[1], lorakit.adapters.ModulesToSave)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_low_cpu_mem_usage_creates_meta_adapters_that_loading_fills(dora, ids):
+    """PEFT's low_cpu_mem_usage: the adapter tensors start on the meta device; the state dict fills them."""
+    theirs, _ = _pair(use_dora=dora)
+    state = {k.removeprefix("base_model.model."): v for k, v in peft.get_peft_model_state_dict(theirs).items()}
+    config = lorakit.LoraConfig(**KW, use_dora=dora)
+    model = lorakit.inject_adapter_in_model(config, tiny_llama(), low_cpu_mem_usage=True)
+    adapter = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert adapter and all(p.is_meta for p in adapter.values())
+    assert not any(p.is_meta for n, p in model.named_parameters() if "lora_" not in n)
+    with pytest.raises(lorakit.LorakitError, match="low_cpu_mem_usage"):
+        logits(model, ids)
+    result = lorakit.set_peft_model_state_dict(model, state, low_cpu_mem_usage=True)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert not any(p.is_meta for p in model.parameters())
+    assert all(adapter[n] is p for n, p in model.named_parameters() if "lora_" in n)  # the same objects, filled
+    assert all(p.requires_grad for p in adapter.values())
+    torch.testing.assert_close(logits(model, ids), logits(theirs, ids), atol=1e-5, rtol=0)

@@ -249,10 +249,32 @@ def _copy_in(model: nn.Module, state: dict, name: str, source: str) -> None:
                             f"{tuple(target.shape)} (another base model or another r?)")
     LorakitError.collect(problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else []),
                          f"{source} does not fit this model:")
+    devices = adapter_devices(model)
     with torch.no_grad():
         for key, value in state.items():
-            target = load_target(wanted, params, key)
-            target.copy_(value.to(target.dtype))
+            fill(load_target(wanted, params, key), value, devices)
+
+
+def adapter_devices(model: nn.Module) -> dict[int, torch.device]:
+    """id(adapter tensor) -> the device of its layer's base weight (where a meta tensor is to be loaded)."""
+    devices = {}
+    for _, layer in manage.lora_layers(model):
+        device = layer._param_device_dtype()[0]
+        for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector, layer.lora_bias):
+            devices.update({id(p): device for p in store.values()})
+    return devices
+
+
+def fill(target: torch.Tensor, value: torch.Tensor, devices: dict | None = None) -> None:
+    """Load `value` into the model tensor `target`: a copy in place, or, for a tensor still on the meta device
+    (low_cpu_mem_usage), the value itself on its base layer's device (`devices`) and in the tensor's dtype."""
+    if target.is_meta:  # a tensor cannot move off the meta device in place: swap in a real one (same object)
+        device = (devices or {}).get(id(target), value.device)
+        real = value.detach().to(device, target.dtype).clone()
+        torch.utils.swap_tensors(target, type(target)(real, requires_grad=target.requires_grad)
+                                 if isinstance(target, nn.Parameter) else real)
+    else:
+        target.copy_(value.to(target.dtype))
 
 
 def load_target(wanted: dict, params: dict, key: str):

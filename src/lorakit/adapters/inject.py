@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import ALL_LINEAR, LoraConfig, pattern_key
 from ..errors import LorakitError
-from ..layers import LoraLayer, kind_of
+from ..layers import LoraLayer, ParamKind, kind_of
 from ..models.heads import output_head_name
 from ..models.targets import default_targets, model_type
 
@@ -72,7 +72,7 @@ def expand_all_linear(model: nn.Module) -> list[str]:
 
 def resolve_targets(model: nn.Module, config: LoraConfig) -> LoraConfig:
     """The config with target_modules=None replaced by the architecture's default (PEFT's rule)."""
-    if config.target_modules is not None:
+    if config.target_modules is not None or config.target_parameters:  # PEFT: parameters only, then
         return config
     found = default_targets(model)
     if found is None:
@@ -87,6 +87,8 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> LoraConfig:
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Names of the modules to wrap, in model order. Raises one error listing every problem."""
     spec = resolve_targets(model, config).target_modules
+    if spec is None:  # target_parameters only
+        return []
     if spec == ALL_LINEAR:
         spec = expand_all_linear(model)
     saved = config.modules_to_save or []
@@ -108,6 +110,31 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     if not found and not problems:
         problems.append(_no_match_message(model, spec))
     problems += _unused_pattern_keys(config, found)
+    LorakitError.collect(problems, "The LoRA config does not fit this model:")
+    return found
+
+
+def find_parameter_targets(model: nn.Module, config: LoraConfig, modules: list[str]) -> list[tuple[str, str]]:
+    """(module name, parameter name) for each target_parameters entry: a parameter's full name equals it or
+    ends with '.' + it (PEFT's rule), in model order. Raises one error listing every problem."""
+    wanted = config.target_parameters or []
+    found, used, problems = [], set(), []
+    for name, mod in model.named_modules():
+        if isinstance(mod, ModulesToSave) or _inside_wrapper(name):
+            continue
+        for pname, _ in mod.named_parameters(recurse=False):
+            full = f"{name}.{pname}" if name else pname
+            hits = [w for w in wanted if full == w or full.endswith("." + w)]
+            if not hits:
+                continue
+            used.update(hits)
+            if name in modules or any(m == name for m, _ in found):
+                problems.append(f"target_parameters {hits[0]!r}: module {name!r} is adapted already (by "
+                                "target_modules or another of its parameters); lorakit adapts one thing per module")
+            else:
+                found.append((name, pname))
+    problems += [f"target_parameters entry {w!r} matches no parameter of {type(model).__name__}"
+                 for w in wanted if w not in used]
     LorakitError.collect(problems, "The LoRA config does not fit this model:")
     return found
 
@@ -137,13 +164,14 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
-def wrap(model: nn.Module, name: str) -> LoraLayer:
-    """Replace module `name` by a LoraLayer around it (or return the existing one)."""
+def wrap(model: nn.Module, name: str, parameter: str | None = None) -> LoraLayer:
+    """Replace module `name` by a LoraLayer around it (or return the existing one); with `parameter`, one
+    that adapts that parameter of the module (target_parameters)."""
     parent, child = _parent(model, name)
     module = getattr(parent, child)
     if isinstance(module, LoraLayer):
         return module
-    layer = LoraLayer(module)
+    layer = LoraLayer(module, ParamKind(parameter) if parameter is not None else None)
     setattr(parent, child, layer)
     return layer
 
@@ -201,7 +229,7 @@ def wrap_modules_to_save(model: nn.Module, config: LoraConfig, adapter: str) -> 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """Replace every LoraLayer by its base layer and every ModulesToSave by its active copy."""
-    for name, mod in list(model.named_modules()):
+    for name, mod in reversed(list(model.named_modules())):  # inner first: an attention's out_proj layer
         if isinstance(mod, LoraLayer):
             parent, child = _parent(model, name)
             setattr(parent, child, mod.base_layer)

@@ -17,7 +17,8 @@ from torch import nn
 from ..config import ALL_LINEAR, LoraConfig
 from ..errors import LorakitError
 from ..layers import DoRA, LoraLayer
-from .inject import ModulesToSave, find_targets, resolve_targets, layer_kind, unwrap, wrap, wrap_modules_to_save
+from .inject import (ModulesToSave, find_parameter_targets, find_targets, layer_kind, resolve_targets, unwrap, wrap,
+                     wrap_modules_to_save)
 from .placement import compute_device
 
 CONFIGS_ATTR = "lorakit_configs"
@@ -50,8 +51,11 @@ def _check_name(model: nn.Module, name: str, must_exist: bool) -> None:
 
 
 def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", activate: bool = True,
-                autocast_adapter_dtype: bool = True) -> nn.Module:
+                autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> nn.Module:
     """Wrap the targeted layers, create adapter `name` in each, freeze everything else.
+
+    low_cpu_mem_usage (PEFT's): the adapter's tensors are created empty on the meta device, to be filled
+    by loading its state dict (peft_compat.set_peft_model_state_dict, load_adapter); it cannot run before.
 
     Trainable afterwards: the adapter's A, B (A frozen with lora_fa), DoRA magnitudes, modules_to_save
     copies, and biases when config.bias is 'all' or 'lora_only'.
@@ -62,16 +66,17 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", act
     _check_bias(model, config, name)
     config = resolve_targets(model, config)
     targets = find_targets(model, config)
+    param_targets = find_parameter_targets(model, config, targets)
     if config.target_modules == ALL_LINEAR:  # PEFT records the expanded module names
         config = config.replace(target_modules=sorted(targets))
     if any(layer_kind(model.get_submodule(t)) == "conv1d" for t in targets) and not config.fan_in_fan_out:
         config = config.replace(fan_in_fan_out=True)  # as PEFT does for GPT-2's Conv1D
-    for target in targets:
-        layer = wrap(model, target)
+    for target, parameter in [(t, None) for t in targets] + param_targets:  # PEFT: modules, then parameters
+        layer = wrap(model, target, parameter)
         layer.add(name, r=config.rank_for(target), scaling=config.scaling_for(target),
                   dropout=config.lora_dropout, init=config.init_lora_weights,
                   variant=DoRA() if config.use_dora else None, upcast=autocast_adapter_dtype,
-                  bias=config.lora_bias, device=compute_device(layer.base_layer))
+                  bias=config.lora_bias, meta=low_cpu_mem_usage, device=compute_device(layer.base_layer))
         if config.lora_fa:  # LoRA-FA (Zhang et al. 2023): A stays at its random init; only B trains
             layer.lora_A[name].requires_grad_(False)
     if config.modules_to_save:

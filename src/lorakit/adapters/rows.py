@@ -56,7 +56,8 @@ def _check_names(model: nn.Module, adapter_names) -> None:
                         f"(use {BASE!r} for base rows)")
     dora = sorted({n for n in adapter_names if n in known and known[n].use_dora})
     if dora:
-        problems.append(f"adapter(s) {dora} are DoRA; mixed-adapter batches support plain LoRA adapters only: "
+        problems.append(f"Cannot pass `adapter_names` when DoRA is enabled: adapter(s) {dora} are "
+                        "DoRA; mixed-adapter batches support plain LoRA adapters only: "
                         "run DoRA adapters in their own batch with set_adapter(), or merge them")
     if any(layer.merged_adapters for _, layer in manage.lora_layers(model)):
         problems.append("mixed-adapter batches need unmerged adapters; call unmerge() (PeftModel: "

@@ -2,9 +2,12 @@
 
     layer.py      LoraLayer (add/delete, forward, delta weight, merge/unmerge), the Variant protocol,
                   the per-call row plan (a context variable)
-    bases.py      base kinds (Linear, Conv1D, Embedding) behind one small registry
+    bases.py      base kinds (Linear, Conv1D, Embedding, Conv1d/2d/3d, MultiheadAttention) behind one registry
+    mha.py        nn.MultiheadAttention: in_proj and out_proj adapters, the adapted attention forward
+    pissa.py      PiSSA initialisation from the base weight's SVD
+    param.py      LoRA on one nn.Parameter of a module (PEFT's target_parameters)
     bnb.py        bitsandbytes 4/8-bit base kinds, registered like any other
-    dora.py       DoRA as a variant object that owns its caches
+    dora.py       DoRA (linear, conv, embedding) as a variant object that owns its caches
     mixed.py      per-row adapters in one forward (RowPlan, the stacked and segment paths)
     tokens.py     per-token adapters in one flat (1, N) forward (TokenPlan, for serving steps)
     fused.py      the training fast path: one autograd node per LoRA linear
@@ -17,14 +20,15 @@ from .dora import DoRA
 from .fused import _LoraLinear  # noqa: F401  (old import path: lorakit.layers._LoraLinear)
 from .layer import LoraLayer, Variant, current_row_plan, using_row_plan
 from .mixed import BASE, RowPlan, Stacks
+from .param import ParamKind
 from .tokens import TokenPlan
 
 
 def layer_kind(module) -> str | None:
-    """'linear' | 'conv1d' | 'embedding' | 'conv' for a module LoRA can wrap, else None."""
+    """'linear' | 'conv1d' | 'embedding' | 'conv' | 'mha' for a module LoRA can wrap, else None."""
     kind = kind_of(module)
     return kind.family if kind is not None else None
 
 
-__all__ = ["BASE", "BaseKind", "DoRA", "LoraLayer", "RowPlan", "Stacks", "TokenPlan", "Variant", "current_row_plan",
+__all__ = ["BASE", "BaseKind", "DoRA", "LoraLayer", "ParamKind", "RowPlan", "Stacks", "TokenPlan", "Variant", "current_row_plan",
            "dense_weight", "kind_of", "layer_kind", "register", "using_row_plan"]

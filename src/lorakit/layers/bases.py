@@ -7,7 +7,8 @@ type (a quantized linear, a convolution) plugs in without touching the LoRA math
                 for GPT-2's Conv1D whose weight is stored (in, out)), "embedding" (PEFT's convention:
                 A (r, num_embeddings), B (dim, r)), "conv" (nn.Conv1d/2d/3d, PEFT's convention: A is a
                 conv with the base's kernel, stride and padding, (r, in, *k); B a 1x1 conv with the base's
-                groups, (out, r/groups, 1, ...))
+                groups, (out, r/groups, 1, ...)), "mha" (nn.MultiheadAttention: linear shapes on
+                in_proj_weight, in = E, out = 3·E)
     quantized   whether the stored weight is not the dense one (adapters then stay fp32)
     matches(m)  whether module m is of this kind
     features(m) (in, out) as the adapter sees them
@@ -96,9 +97,49 @@ class ConvKind(BaseKind):
     def features(self, module: nn.Module) -> tuple[int, int]:
         return module.in_channels, module.out_channels
 
+    def lora_delta(self, module: nn.Module, A: torch.Tensor, B: torch.Tensor, label: str) -> torch.Tensor:
+        """B∘A as one conv weight (out, in, *k): B's 1x1 mixing applied to A's kernels (PEFT's formula)."""
+        if module.groups > 1:
+            raise LorakitError(f"{label} has groups={module.groups}: merging LoRA into a grouped convolution "
+                               "is not supported (as in PEFT); keep the adapter unmerged")
+        if all(k == 1 for k in module.kernel_size):  # (out, r) @ (r, in), then the 1x1 kernel dims back
+            ones = (1,) * len(module.kernel_size)
+            return (B.flatten(1) @ A.flatten(1)).reshape(B.shape[0], A.shape[1], *ones)
+        # conv of A's kernels, seen as a batch of `in` images with r channels, by B: (in, out, *k) -> (out, in, *k)
+        return self.conv_fn(A.transpose(0, 1), B).transpose(0, 1)
+
+
+class MultiheadAttentionKind(BaseKind):
+    """nn.MultiheadAttention with packed q/k/v: the adapter's weight is in_proj_weight (3·E, E), as PEFT's.
+
+    Its out_proj (an nn.Linear whose forward MultiheadAttention never calls) gets a LoraLayer of its own,
+    and the attention runs with both weights adapted (layer.py: LoraLayer._mha_forward)."""
+
+    name = "multiheadattention"
+    family = "mha"
+
+    def matches(self, module: nn.Module) -> bool:
+        return isinstance(module, nn.MultiheadAttention)
+
+    def features(self, module: nn.Module) -> tuple[int, int]:
+        return module.embed_dim, 3 * module.embed_dim
+
+    def weight(self, module: nn.Module) -> torch.Tensor:
+        return module.in_proj_weight
+
+    def set_weight(self, module: nn.Module, W: torch.Tensor) -> None:
+        module.in_proj_weight.data.copy_(W)
+
+    def prepare(self, module: nn.Module) -> None:
+        if not module._qkv_same_embed_dim:
+            raise LorakitError("LoRA on nn.MultiheadAttention needs query, key and value of the same size "
+                               "(kdim = vdim = embed_dim, one packed in_proj_weight), as in PEFT; leave this "
+                               "module out of target_modules")
+
 
 _KINDS: list[BaseKind] = [BaseKind(), Conv1DKind(), EmbeddingKind(), ConvKind(nn.Conv1d, torch.conv1d),
-                          ConvKind(nn.Conv2d, torch.conv2d), ConvKind(nn.Conv3d, torch.conv3d)]
+                          ConvKind(nn.Conv2d, torch.conv2d), ConvKind(nn.Conv3d, torch.conv3d),
+                          MultiheadAttentionKind()]
 
 
 def register(kind: BaseKind) -> BaseKind:

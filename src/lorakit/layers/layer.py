@@ -1,7 +1,8 @@
 """The LoRA layer: h = base(x) + s · B(A(dropout(x))), with merge and unmerge.
 
 One class wraps any base layer that has a registered base kind (bases.py: nn.Linear, GPT-2's Conv1D,
-nn.Embedding; bnb.py: bitsandbytes 4/8-bit) without changing it (composition). Per adapter name it
+nn.Embedding, nn.Conv1d/2d/3d, nn.MultiheadAttention (mha.py); bnb.py: bitsandbytes 4/8-bit) without
+changing it (composition). Per adapter name it
 holds A (r, in), B (out, r), the scaling s and a dropout; an adapter may carry a variant object
 (dora.py) that the layer calls for its output and its merge, and that owns its own caches. The layer
 does not choose kinds or variants: adapters/ does, above it.
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LorakitError
-from . import bases
+from . import bases, mha, param, pissa
 from .fused import lora_linear
 
 # The row plan of the mixed-adapter forward running in this context (mixed.RowPlan), or None.
@@ -67,10 +68,13 @@ class Variant:
               owned: bool) -> tuple[torch.Tensor, bool]:
         raise NotImplementedError
 
-    def merged_weight(self, layer: "LoraLayer", name: str, W: torch.Tensor) -> torch.Tensor:
+    def merged_weight(self, layer: "LoraLayer", name: str, W: torch.Tensor, base: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """W with this adapter merged in; `base`: W without the adapters merged before it (None: W is that)."""
         raise NotImplementedError
 
-    def unmerged_weight(self, layer: "LoraLayer", name: str, W: torch.Tensor) -> torch.Tensor:
+    def unmerged_weight(self, layer: "LoraLayer", name: str, W: torch.Tensor, forget: bool = True) -> torch.Tensor:
+        """W with this adapter (merged last) taken out; forget=False: it stays merged (a look, not an unmerge)."""
         raise NotImplementedError
 
     def reset(self) -> None:
@@ -80,9 +84,10 @@ class Variant:
 class LoraLayer(nn.Module):
     """A frozen base layer plus any number of named low-rank adapters."""
 
-    def __init__(self, base_layer: nn.Module):
+    def __init__(self, base_layer: nn.Module, kind: bases.BaseKind | None = None):
+        """kind: how to read base_layer's weight; None asks the registry (a ParamKind adapts one parameter)."""
         super().__init__()
-        kind = bases.kind_of(base_layer)
+        kind = kind if kind is not None else bases.kind_of(base_layer)
         if kind is None:
             raise LorakitError(f"cannot add LoRA to {type(base_layer).__name__}; supported: {bases.supported()}")
         kind.prepare(base_layer)
@@ -102,6 +107,8 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self.generation = 0  # counts additions and deletions of adapters (what a router's stacks key on)
+        if self.kind == "mha":  # its out_proj's adapters live in a LoraLayer of their own (mha.py)
+            base_layer.out_proj = LoraLayer(base_layer.out_proj)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -115,7 +122,7 @@ class LoraLayer(nn.Module):
     # -- adapters ------------------------------------------------------------------------------------
 
     def add(self, name: str, r: int, scaling: float, dropout: float = 0.0, init: bool | str = True,
-            variant: Variant | None = None, upcast: bool = True, bias: bool = False,
+            variant: Variant | None = None, upcast: bool = True, bias: bool = False, meta: bool = False,
             device: torch.device | None = None) -> None:
         """Create adapter `name`. RNG use mirrors PEFT so the same seed gives the same weights.
 
@@ -125,34 +132,52 @@ class LoraLayer(nn.Module):
         upcast: on a bf16/fp16 base, keep the adapter in fp32 (PEFT's autocast_adapter_dtype=True);
         like PEFT, the values pass through the base dtype first, so both round identically.
         bias: B gets a bias (PEFT's lora_bias), drawn like nn.Linear's after B's weight, zero on init.
+        meta: PEFT's low_cpu_mem_usage: the adapter's tensors are empty, on the meta device (no memory, no
+        RNG, no init), to be assigned by loading a state dict (peft_compat.set_peft_model_state_dict).
         """
+        if self.kind == "param":
+            param.check(dropout, variant, bias)
+        if self.kind == "mha":  # in_proj's adapter and out_proj's, in PEFT's order
+            mha.check(self, variant, bias)
+            return mha.add(self, name, lambda: self._add(name, r, scaling, dropout, init, None, upcast, False, meta),
+                           r=r, scaling=scaling, dropout=dropout, init=init, upcast=upcast, meta=meta)
+        self._add(name, r, scaling, dropout, init, variant, upcast, bias, meta)
+
+    def _add(self, name: str, r: int, scaling: float, dropout: float, init: bool | str, variant: Variant | None,
+             upcast: bool, bias: bool, meta: bool) -> None:
         if variant is not None:
             variant.check(self)
         if bias and (self.kind == "embedding" or variant is not None):
             raise LorakitError(f"lora_bias=True is not supported for {self._label()}"
                                f"{' with DoRA' if variant is not None else ''}; set lora_bias=False")
         dev, dtype = self._param_device_dtype()
-        dev = torch.device(device) if device is not None else dev
-        if dev.type == "meta":
-            raise LorakitError(f"{self._label()}: its weight is on the meta device (offloaded), so the adapter "
-                               "needs a compute device; pass device= (add_adapter finds accelerate's)")
-        A, B = self._factor_shapes(r)
-        if self.kind == "embedding":  # PEFT: randn, then zeros(A) / normal(B)
+        if meta:
+            dev, init = torch.device("meta"), False
+        else:
+            dev = torch.device(device) if device is not None else dev
+            if dev.type == "meta":
+                raise LorakitError(f"{self._label()}: its weight is on the meta device (offloaded), so the adapter "
+                                   "needs a compute device; pass device= (add_adapter finds accelerate's)")
+        A, B = self._factor_shapes(r, "meta" if meta else None)
+        if meta:
+            pass  # nothing drawn: the values come from a state dict
+        elif self.kind == "embedding":  # PEFT: randn, then zeros(A) / normal(B)
             A.normal_(), B.normal_()
         else:  # PEFT: nn.Linear(in, r) and nn.Linear(r, out) draw their default init first
             nn.init.kaiming_uniform_(A, a=math.sqrt(5)), nn.init.kaiming_uniform_(B, a=math.sqrt(5))
         if bias:  # nn.Linear / nn.ConvNd draw the bias after the weight: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
             bound = 1 / math.sqrt(B[0].numel())
-            self.lora_bias[name] = nn.Parameter(torch.empty(self.out_features).uniform_(-bound, bound))
+            b = torch.empty(self.out_features, device=A.device)
+            self.lora_bias[name] = nn.Parameter(b if meta else b.uniform_(-bound, bound))
         self.lora_A[name], self.lora_B[name] = nn.Parameter(A), nn.Parameter(B)
         self.r[name], self.scaling[name] = r, scaling
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.generation += 1
         if isinstance(init, str) and init.startswith("pissa"):
-            if self.base_layer.weight.is_meta:
+            if self._offloaded():
                 raise LorakitError(f"{self._label()}: PiSSA init needs the base weight, which is offloaded (meta); "
                                    "load the model without disk offload (model_kwargs.device_map) or use init=True")
-            self._pissa_init(name, init)
+            pissa.init(self, name, init)
         elif init is not False:
             self._reset(name, init)
         self.lora_A[name].data = self.lora_A[name].data.to(dev, dtype)
@@ -167,17 +192,17 @@ class LoraLayer(nn.Module):
                 if name in store:
                     store[name].data = store[name].data.float()
 
-    def _factor_shapes(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _factor_shapes(self, r: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Empty A and B in this layer's convention (see the module docstring)."""
         if self.kind != "conv":
-            return torch.empty(r, self.in_features), torch.empty(self.out_features, r)
+            return torch.empty(r, self.in_features, device=device), torch.empty(self.out_features, r, device=device)
         base = self.base_layer
         if r % base.groups:
             raise LorakitError(f"{self._label()} has groups={base.groups}, which must divide r={r}; choose r as a "
                                "multiple of the groups or leave this layer out of target_modules")
         ones = (1,) * len(base.kernel_size)
-        return torch.empty(r, self.in_features, *base.kernel_size), torch.empty(self.out_features, r // base.groups,
-                                                                                *ones)
+        return (torch.empty(r, self.in_features, *base.kernel_size, device=device),
+                torch.empty(self.out_features, r // base.groups, *ones, device=device))
 
     def _reset(self, name: str, init: bool | str) -> None:
         A, B = self.lora_A[name], self.lora_B[name]
@@ -190,25 +215,6 @@ class LoraLayer(nn.Module):
         else:  # "gaussian": std 1/r, as PEFT
             nn.init.normal_(A, std=1 / self.r[name]), nn.init.zeros_(B)
 
-    @torch.no_grad()
-    def _pissa_init(self, name: str, init: str) -> None:
-        """PiSSA: A, B from the top-r singular triplets of W; the base keeps the residual W - s·BA."""
-        if self.kind in ("embedding", "conv"):
-            raise LorakitError("init_lora_weights='pissa' is supported for linear layers only")
-        W = self.dense_weight().float()  # (out, in)
-        r, s = self.r[name], self.scaling[name]
-        if init == "pissa":
-            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-            U, S, Vh = U[:, :r], S[:r], Vh[:r]
-        else:
-            U, S, V = torch.svd_lowrank(W, q=r, niter=int(init.rsplit("_", 1)[1]))
-            Vh = V.T
-        S = S / s
-        self.lora_A[name].data = (torch.diag(S.sqrt()) @ Vh).contiguous()
-        self.lora_B[name].data = (U @ torch.diag(S.sqrt())).contiguous()
-        residual = W - s * self.lora_B[name] @ self.lora_A[name]
-        self._set_dense_weight(residual)
-
     def delete(self, name: str) -> None:
         if name in self.merged_adapters:
             raise LorakitError(f"adapter {name!r} is merged; unmerge it before deleting")
@@ -219,6 +225,8 @@ class LoraLayer(nn.Module):
             store.pop(name, None)
         self.generation += 1
         self.active_adapters = [a for a in self.active_adapters if a != name]
+        if self.kind == "mha":
+            self.base_layer.out_proj.delete(name)
 
     def replace_base(self, base_layer: nn.Module) -> None:
         """Put another base layer of the same shape under the adapters (e.g. a dequantized copy)."""
@@ -243,30 +251,28 @@ class LoraLayer(nn.Module):
         if low_cpu:
             A, B = A.float(), B.float()
         if self.kind == "conv":
-            delta = self._conv_delta(A, B) * self.scaling[name]
+            delta = self.base_kind.lora_delta(self.base_layer, A, B, self._label()) * self.scaling[name]
         else:
             delta = B @ A * self.scaling[name]  # (out, in)
         if self.kind == "embedding":
             delta = delta.T  # (num_embeddings, dim)
         return delta.to(self.lora_A[name].dtype) if low_cpu else delta
 
-    def _conv_delta(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        """B∘A as one conv weight (out, in, *k): B's 1x1 mixing applied to A's kernels (PEFT's formula)."""
-        base = self.base_layer
-        if base.groups > 1:
-            raise LorakitError(f"{self._label()} has groups={base.groups}: merging LoRA into a grouped convolution "
-                               "is not supported (as in PEFT); keep the adapter unmerged")
-        if all(k == 1 for k in base.kernel_size):  # (out, r) @ (r, in), then the 1x1 kernel dims back
-            ones = (1,) * len(base.kernel_size)
-            return (B.flatten(1) @ A.flatten(1)).reshape(B.shape[0], A.shape[1], *ones)
-        # conv of A's kernels, seen as a batch of `in` images with r channels, by B: (in, out, *k) -> (out, in, *k)
-        return self.base_kind.conv_fn(A.transpose(0, 1), B).transpose(0, 1)
-
     def live_adapters(self) -> list[str]:
         """The active adapters that run in forward: present in this layer and not merged."""
         return [n for n in self.active_adapters if n not in self.merged_adapters and n in self.lora_A]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.kind == "mha":
+            if _ROW_PLAN.get() is not None:
+                raise LorakitError("lora.MultiheadAttention does not support mixed adapter batches (as in PEFT): "
+                                   f"{self._label()} is adapted; run one adapter per batch")
+            return mha.forward(self, x, *args, **kwargs)
+        if self.kind == "param":
+            if _ROW_PLAN.get() is not None:
+                raise LorakitError(f"mixed adapter batches are not supported for LoRA on a parameter "
+                                   f"(target_parameters, {self._label()}), as in PEFT; run one adapter per batch")
+            return param.forward(self, x, *args, **kwargs)
         name = self._fused_adapter(x, args, kwargs)
         if name is not None:  # training fast path: base and adapter in one autograd node
             A, B, b = self.lora_A[name], self.lora_B[name], self.base_layer.bias
@@ -326,7 +332,12 @@ class LoraLayer(nn.Module):
         B·A·x and s·B·A·x, and no (tokens, out) multiply by s in backward. In place when `owned`.
         """
         A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
+        if A.is_meta or B.is_meta:
+            raise LorakitError(f"adapter {name!r} of {self._label()} is still empty (created with "
+                               "low_cpu_mem_usage=True); load its weights first (set_peft_model_state_dict)")
         if self.kind == "embedding":
+            if name in self.variants:  # ids stay ids: no dtype cast, no dropout (as PEFT)
+                return self.variants[name].apply(self, name, x, result, nn.Identity(), owned)
             after_A = self.embed(x, A.T)  # (..., r)
             return result + (after_A @ B.T) * s, True
         x = x.to(A.dtype)
@@ -359,7 +370,7 @@ class LoraLayer(nn.Module):
     @torch.no_grad()
     def merge(self, names: list[str] | None = None, safe: bool = False) -> None:
         """Fold adapters into the base weight: W <- W + s·BA (a variant computes its own merged weight)."""
-        if self.base_layer.weight.is_meta:
+        if self._offloaded():
             raise LorakitError(f"{self._label()}: cannot merge into an offloaded base weight (meta device); load the "
                                "model without disk offload (no model_kwargs.device_map / max_memory) to merge")
         for name in names if names is not None else self.active_adapters:
@@ -370,13 +381,19 @@ class LoraLayer(nn.Module):
                                    "into; keep the adapter unmerged")
             W = self.dense_weight()
             variant = self.variants.get(name)
-            new_W = variant.merged_weight(self, name, W) if variant else W + self.delta_weight(name).to(W.dtype)
+            if variant:  # its norm is of the weight without the adapters merged before (what forward sees)
+                base = self._unmerged_dense_weight() if self.merged_adapters else None
+                new_W = variant.merged_weight(self, name, W, base)
+            else:
+                new_W = W + self.delta_weight(name).to(W.dtype)
             if safe and not torch.isfinite(new_W).all():
                 raise LorakitError(f"merging adapter {name!r} would put NaN/Inf into {self._label()}; "
                                    "the adapter weights are broken (check training for divergence)")
             self._set_dense_weight(new_W)
             self._merge_bias(name, +1)
             self.merged_adapters.append(name)
+        if self.kind == "mha":
+            self.base_layer.out_proj.merge(names, safe)
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -388,6 +405,17 @@ class LoraLayer(nn.Module):
             self._set_dense_weight(variant.unmerged_weight(self, name, W) if variant
                                    else W - self.delta_weight(name).to(W.dtype))
             self._merge_bias(name, -1)
+        if self.kind == "mha":
+            self.base_layer.out_proj.unmerge()
+
+    def _unmerged_dense_weight(self) -> torch.Tensor:
+        """A copy of the dense weight with the merged adapters taken out again (last merged first)."""
+        W = self.dense_weight().detach().clone()
+        for name in reversed(self.merged_adapters):
+            variant = self.variants.get(name)
+            W = (variant.unmerged_weight(self, name, W, forget=False) if variant
+                 else W - self.delta_weight(name).to(W.dtype))
+        return W
 
     def _merge_bias(self, name: str, sign: int) -> None:
         """Fold s·(B's bias) into the base bias (sign +1) or take it out again (-1)."""
@@ -401,10 +429,15 @@ class LoraLayer(nn.Module):
             variant.reset()
 
     def _param_device_dtype(self) -> tuple[torch.device, torch.dtype]:
-        W = self.base_layer.weight
+        W = self.base_layer.weight if self.kind not in ("mha", "param") else self.dense_weight()  # no dequantizing
         fp_base = W.dtype.is_floating_point and not self.base_kind.quantized
         dtype = W.dtype if fp_base else torch.float32  # quantized bases (any quant_storage): fp32 adapters
         return W.device, dtype
+
+    def _offloaded(self) -> bool:
+        """The base weight is not in memory (meta device): an offload wrapper brings it in at call time."""
+        W = getattr(self.base_layer, "weight", None)
+        return isinstance(W, torch.Tensor) and W.is_meta
 
     def _label(self) -> str:
         return f"{type(self.base_layer).__name__}({self.in_features}->{self.out_features})"

@@ -106,7 +106,8 @@ class PeftModel(nn.Module):
                  autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False):
         super().__init__()
         self.base_model = LoraModel(model)
-        manage.add_adapter(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        manage.add_adapter(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                           low_cpu_mem_usage=low_cpu_mem_usage)
 
     # -- state -----------------------------------------------------------------------------------------
     @property
@@ -157,10 +158,10 @@ class PeftModel(nn.Module):
     # -- adapters --------------------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False,
                     autocast_adapter_dtype: bool = True) -> None:
-        """Add a new adapter; as in PEFT it is not activated (call set_adapter). low_cpu_mem_usage is
-        accepted and has no effect: the adapter is created on the base layer's device."""
+        """Add a new adapter; as in PEFT it is not activated (call set_adapter). low_cpu_mem_usage: its
+        tensors are created empty on the meta device, to be filled by set_peft_model_state_dict."""
         manage.add_adapter(self.get_base_model(), peft_config, adapter_name, activate=False,
-                           autocast_adapter_dtype=autocast_adapter_dtype)
+                           autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         manage.set_adapter(self.get_base_model(), adapter_name)

@@ -64,9 +64,10 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict, ada
     if mismatched and not ignore_mismatched_sizes:
         LorakitError.collect(mismatched, "adapter tensors whose shapes do not fit this model (another r or base "
                                          "model? pass ignore_mismatched_sizes=True to skip them):")
+    devices = files.adapter_devices(inner)
     with torch.no_grad():
         for target, value in pairs:
-            target.copy_(value.to(target.dtype))
+            files.fill(target, value, devices)
     loaded = {id(t) for t, _ in pairs}
     missing = [prefix + k for k, t in wanted.items() if id(t) not in loaded]
     return IncompatibleKeys(missing, unexpected)
@@ -74,8 +75,9 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict, ada
 
 def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_name: str = "default",
                             low_cpu_mem_usage: bool = False, state_dict: dict | None = None) -> nn.Module:
-    """Add the adapter to `model` in place (no PeftModel wrapper); returns the same model."""
-    manage.add_adapter(model, peft_config, adapter_name)
+    """Add the adapter to `model` in place (no PeftModel wrapper); returns the same model. With
+    low_cpu_mem_usage its tensors are empty, on the meta device, until set_peft_model_state_dict fills them."""
+    manage.add_adapter(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
     return model
 
 
