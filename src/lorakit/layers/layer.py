@@ -139,12 +139,13 @@ class LoraLayer(nn.Module):
             param.check(dropout, variant, bias)
         if self.kind == "mha":  # in_proj's adapter and out_proj's, in PEFT's order
             mha.check(self, variant, bias)
-            return mha.add(self, name, lambda: self._add(name, r, scaling, dropout, init, None, upcast, False, meta),
+            return mha.add(self, name, lambda: self._add(name, r, scaling, dropout, init, None, upcast, False, meta,
+                                                         device),
                            r=r, scaling=scaling, dropout=dropout, init=init, upcast=upcast, meta=meta)
-        self._add(name, r, scaling, dropout, init, variant, upcast, bias, meta)
+        self._add(name, r, scaling, dropout, init, variant, upcast, bias, meta, device)
 
     def _add(self, name: str, r: int, scaling: float, dropout: float, init: bool | str, variant: Variant | None,
-             upcast: bool, bias: bool, meta: bool) -> None:
+             upcast: bool, bias: bool, meta: bool, device: torch.device | None) -> None:
         if variant is not None:
             variant.check(self)
         if bias and (self.kind == "embedding" or variant is not None):
