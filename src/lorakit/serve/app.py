@@ -225,17 +225,16 @@ def create_app(engine: Engine, settings: Settings, metrics=None) -> FastAPI:
             registry.check_name(body.lora_name)
         except LorakitError as e:
             raise bad(str(e), "lora_name") from None
-        if body.lora_name in registry.names():
-            raise bad(f"The lora adapter '{body.lora_name}' has already been loaded; unload it first.", "lora_name")
         try:
             path = reg.inside(registry.root, body.lora_path)
-            read = await run_in_threadpool(reg.read_for_serving, path)
+            if registry.taken(body.lora_name, path):  # loading a discovered folder under its own name: a warm-up
+                raise bad(f"The lora adapter '{body.lora_name}' has already been loaded; unload it first.", "lora_name")
+            await run_in_threadpool(registry.load_now, body.lora_name, path)  # checked before it is offered
             registry.add(body.lora_name, path)
-            await asyncio.wrap_future(engine.call(lambda: registry.attach(body.lora_name, *read, engine)))
+            await asyncio.wrap_future(engine.call(lambda: registry.ready(body.lora_name, engine)))
         except reg.NotFound as e:
             raise ApiError(404, str(e), "NotFoundError", "lora_path") from None
         except LorakitError as e:
-            registry.remove(body.lora_name)
             raise bad(f"could not load adapter {body.lora_name!r}: {e}", "lora_path") from None
         return f"Success: LoRA adapter '{body.lora_name}' added successfully."
 
