@@ -136,6 +136,9 @@ def create_app(engine: Engine, settings: Settings, metrics=None) -> FastAPI:
             adapter = registry.resolve(body.model)
         except reg.NotFound as e:
             raise ApiError(404, str(e), "NotFoundError", "model") from None
+        failed = registry.failure(adapter) if adapter != BASE else None
+        if failed is not None:  # this folder version is known to be unservable
+            raise bad(failed, "model")
         limit = settings.max_model_len
         if not ids:
             raise bad(f"{field} is empty after tokenization", field)

@@ -154,9 +154,18 @@ class Registry:
             return BASE
         if self.path(model_name) is not None:
             return model_name
+        why = self.catalog.why_not(model_name) if self.catalog is not None and NAME_RE.match(model_name) else None
+        if why is not None:  # a folder of that name exists but cannot be served
+            raise NotFound(f"The model `{model_name}` is not served: {why}")
         offered = [self.base_name, *self.names()]
         shown = offered if len(offered) <= 20 else offered[:20] + [f"... {len(offered) - 20} more (GET /v1/models)"]
         raise NotFound(f"The model `{model_name}` does not exist. Available models: {shown}")
+
+    def failure(self, name: str) -> str | None:
+        """Why the current version of `name` failed to read, if it did (any thread)."""
+        path = self.path(name)
+        fp = fingerprint(path) if path is not None else None
+        return self.loader.failure(name, fp) if fp is not None else None
 
     def prefetch(self, name: str, done=None) -> None:
         """Start reading `name` into host memory unless its current version is resident or cached (any thread)."""

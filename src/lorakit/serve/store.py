@@ -9,7 +9,8 @@
     HostCache   read adapters (config + CPU tensors), least recently used evicted first, bounded in
                 bytes of tensor data (`--host-cache-bytes`). An adapter larger than the whole budget
                 is not kept (it is read again when needed).
-    Loader      a background thread reading folders into the host cache (never on the engine's thread);
+    Loader      background threads (4: one slow folder never holds up the others) reading folders into the
+                host cache (never on the engine's thread);
                 one read per (name, fingerprint) at a time; a failed read is remembered for that
                 fingerprint (a broken folder fails its requests fast) and retried once the folder changes.
 
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..adapters.files import WEIGHTS_NAME
-from ..config import CONFIG_NAME
+from ..config import CONFIG_NAME, LoraConfig
 from ..errors import LorakitError
 
 
@@ -104,7 +105,7 @@ class Loader:
     """Reads adapter folders into a HostCache on a background thread; `read` is a function(path) ->
     (config, tensors) raising LorakitError for a folder that cannot be served."""
 
-    def __init__(self, cache: HostCache, read, threads: int = 1):
+    def __init__(self, cache: HostCache, read, threads: int = 4):
         self.cache, self._read = cache, read
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="lorakit-adapter-load")
         self._pending: dict[tuple, Future] = {}  # (name, fingerprint) -> the read in flight
@@ -130,10 +131,14 @@ class Loader:
     def _load(self, name: str, path: Path, fp: tuple) -> None:
         try:
             config, tensors = self._read(path)
+            size = nbytes(tensors)
+            if size > self.cache.capacity:
+                raise LorakitError(f"adapter {name!r} takes {size} bytes, more than the host cache "
+                                   f"(--host-cache-bytes {self.cache.capacity}); raise it")
             after = fingerprint(path)
             if after != fp:  # written while we read: read the new version when it is asked for
                 raise _Changed()
-            self.cache.put(name, Read(config, tensors, fp, nbytes(tensors)))
+            self.cache.put(name, Read(config, tensors, fp, size))
             self.reads += 1
         except _Changed:
             pass
@@ -171,6 +176,7 @@ class Catalog:
         self._thread: threading.Thread | None = None
         self.on_change = None  # callable(name) for a folder whose fingerprint changed or that went away
         self._seen: dict[str, tuple] = {}
+        self._verdicts: dict[str, tuple] = {}  # folder -> (fingerprint, why not served or None)
 
     def scan(self) -> None:
         if not self.root.is_dir():
@@ -191,12 +197,26 @@ class Catalog:
         self._changes(names)
 
     def _why_not(self, name: str) -> str | None:
+        """Why folder `name` cannot be served (a bad name, a path leaving root, an unreadable config),
+        remembered per fingerprint so a rescan parses only new and changed configs."""
+        fp = fingerprint(self.root / name)
+        hit = self._verdicts.get(name)
+        if hit is not None and hit[0] == fp and fp is not None:
+            return hit[1]
         try:
             self._check(name)
-            self._inside(self.root, name)
+            LoraConfig.load(self._inside(self.root, name))
+            why = None
         except LorakitError as e:
-            return str(e)
-        return None
+            why = str(e)
+        self._verdicts[name] = (fp, why)
+        return why
+
+    def why_not(self, name: str) -> str | None:
+        """Why the folder `name` under root is not served, or None (also when there is no such folder)."""
+        if not (self.root / name / CONFIG_NAME).is_file():
+            return None
+        return self._why_not(name)
 
     def _changes(self, names: list[str]) -> None:
         seen = {}
