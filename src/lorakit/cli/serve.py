@@ -20,6 +20,10 @@ def add(sub) -> None:
                    "(e.g. 512MB, 2GiB); disk is the tier below")
     p.add_argument("--rescan", type=float, default=2.0, metavar="SECONDS",
                    help="rescan --adapters every SECONDS for new, changed and removed folders (0: only on use)")
+    p.add_argument("--lora-path", choices=["ranks", "padded", "segments"], default="ranks",
+                   help="decoding tokens of many adapters: gathered per rank from slot pools (ranks), from one pool "
+                   "padded to the largest rank (padded), or one GEMM pair per adapter (segments)")
+    p.add_argument("--max-running", type=positive_int, default=64, help="sequences in the running batch at most")
     p.add_argument("--max-wait", type=float, default=2.0, metavar="SECONDS",
                    help="the scheduler prefers resident adapters, but never past a request waiting this long")
     p.add_argument("--api-key", help="every endpoint then wants `Authorization: Bearer KEY`")
@@ -35,5 +39,6 @@ def run(args) -> int:
     serve(model=args.model, adapters=args.adapters, host=args.host, port=args.port, max_loaded=args.max_loaded,
           api_key=args.api_key, admin_key=args.admin_key, max_batch_tokens=args.max_batch_tokens,
           max_queue=args.max_queue, max_model_len=args.max_model_len, threads=args.threads,
-          host_cache_bytes=args.host_cache_bytes, rescan_s=args.rescan or None, max_wait_s=args.max_wait)
+          host_cache_bytes=args.host_cache_bytes, rescan_s=args.rescan or None, max_wait_s=args.max_wait,
+          lora_path=args.lora_path, max_running=args.max_running)
     return 0

@@ -16,10 +16,11 @@ One step (Engine.step, on the engine thread):
      read started when it arrived, on the loader thread) without holding up the others; one that
      waited past max_wait_s and finds every resident slot busy stops further admissions until a
      slot frees, so hot adapters cannot keep it out forever;
-  3. order the step's sequences by adapter and lay their tokens end to end in one row (1, N): ids,
-     positions, per-sequence bounds; the last token of each sequence that reaches its end emits;
-  4. one forward under a TokenPlan (each adapter's tokens one slice) and the KV cache's attention
-     (cache.py), logits only for the emitting tokens (logits_to_keep);
+  3. order the step's sequences by adapter rank, then adapter, and lay their tokens end to end in
+     one row (1, N): ids, positions, per-sequence bounds; the last token of each sequence that reaches its end emits;
+  4. one forward under a TokenPlan (each adapter's tokens one slice; short slices, i.e. decoding
+     tokens, gathered per rank from slot pools: `lora_path`, see layers/tokens.py) and the KV
+     cache's attention (cache.py), logits only for the emitting tokens (logits_to_keep);
   5. sample per request, detect EOS / stop strings / max_tokens / max_model_len, send the deltas.
 Sequences join and leave at token boundaries; prefill and decode share steps.
 """
@@ -36,9 +37,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import LorakitError
-from ..layers import BASE, TokenPlan, using_row_plan
+from ..layers import BASE, Pools, TokenPlan, using_row_plan
 from .cache import SequenceKV, StepLayout, attention_configs, running
 from .sampling import SamplingParams, TextTracker, next_token
+
+
+LORA_PATHS = {"segments": lambda: None, "ranks": Pools, "padded": lambda: Pools(padded=True)}
 
 
 @dataclass
@@ -74,10 +78,14 @@ class Engine:
     """Continuous batching over `model`; `registry` (registry.Registry) owns the adapters."""
 
     def __init__(self, model, tokenizer, registry, max_batch_tokens: int = 256, max_running: int = 64,
-                 max_model_len: int | None = None, metrics=None, max_wait_s: float = 2.0):
+                 max_model_len: int | None = None, metrics=None, max_wait_s: float = 2.0,
+                 lora_path: str = "ranks"):
         self.model, self.tokenizer, self.registry, self.metrics = model, tokenizer, registry, metrics
         self.budget, self.max_running = max(1, max_batch_tokens), max_running
         self.max_wait_s = max_wait_s
+        if lora_path not in LORA_PATHS:
+            raise LorakitError(f"lora_path {lora_path!r} must be one of {sorted(LORA_PATHS)}")
+        self.pools = LORA_PATHS[lora_path]()  # the slot pools of this engine (None: per-adapter GEMMs only)
         self.max_model_len = max_model_len or getattr(model.config, "max_position_embeddings", None) or 2048
         self.eos = _eos_ids(model, tokenizer)
         self.configs = attention_configs(model)
@@ -178,7 +186,8 @@ class Engine:
         batch = self._schedule()
         if not batch:
             return False
-        batch.sort(key=lambda entry: entry[0].slot)  # stable: each adapter's tokens one slice
+        rank = self.registry.rank
+        batch.sort(key=lambda entry: (rank(entry[0].slot), entry[0].slot))  # each adapter's tokens one slice
         ids, positions, names, bounds, emit = [], [], [], [], []
         for req, tokens in batch:
             lo = len(ids)
@@ -188,7 +197,7 @@ class Engine:
             bounds.append((lo, len(ids)))
             if req.kv.length + len(tokens) == len(req.prompt_ids) + len(req.out_ids):
                 emit.append((req, len(ids) - 1))
-        plan = TokenPlan(names, [names[i] for _, i in emit])
+        plan = TokenPlan(names, [names[i] for _, i in emit], self.pools)
         layout = StepLayout([req.kv for req, _ in batch], bounds)
         device = next(self.model.parameters()).device
         with torch.inference_mode(), using_row_plan(plan), running(self.configs, layout):

@@ -102,6 +102,7 @@ class Slot:
     name: str  # the served name
     fingerprint: tuple
     nbytes: int
+    rank: int
 
 
 class Registry:
@@ -179,6 +180,11 @@ class Registry:
 
     # -- on the engine thread ----------------------------------------------------------------------------
 
+    def rank(self, slot: str) -> int:
+        """The rank of an attached slot (0 for the base): the engine orders a step by it."""
+        hit = self.resident.get(slot)
+        return hit.rank if hit is not None else 0
+
     def touch(self, slot: str) -> None:
         if slot in self.resident:
             self.resident.move_to_end(slot)
@@ -214,7 +220,7 @@ class Registry:
             return None
         key = f"lk{next(self._ids)}"
         files.attach_adapter(self.model, read.config, read.tensors, self.path(name) or name, key, activate=False)
-        self.resident[key] = Slot(name, read.fingerprint, read.nbytes)
+        self.resident[key] = Slot(name, read.fingerprint, read.nbytes, read.config.r)
         self.resident_bytes += read.nbytes
         self.attaches += 1
         self.current[name] = key
