@@ -38,11 +38,14 @@ class Pool:
         self.generation = layer.generation
 
     def slot(self, layer: nn.Module, name: str) -> int:
-        A, B, s = layer.lora_A[name], layer.lora_B[name], layer.scaling[name]
+        """The slot of adapter `name`, (re)written when new or changed. The caller has swept the pool for
+        the layer's generation, so a kept entry holds the layer's own A and B; their version counters
+        and the scaling tell an in-place change (checked without ParameterDict's slow lookups)."""
         hit = self.slots.get(name)
-        if hit is not None and hit[1] is A and hit[2] == A._version and hit[3] is B and hit[4] == B._version \
-                and hit[5] == s:
+        if hit is not None and hit[2] == hit[1]._version and hit[4] == hit[3]._version \
+                and hit[5] == layer.scaling[name]:
             return hit[0]
+        A, B, s = layer.lora_A[name], layer.lora_B[name], layer.scaling[name]
         k = hit[0] if hit is not None else self._take()
         r = layer.r[name]
         with torch.inference_mode(False), torch.no_grad():
@@ -58,7 +61,7 @@ class Pool:
         if layer.generation == self.generation:
             return
         for name, hit in list(self.slots.items()):
-            if name not in layer.lora_A or layer.lora_A[name] is not hit[1]:
+            if name not in layer.lora_A or layer.lora_A[name] is not hit[1] or layer.lora_B[name] is not hit[3]:
                 del self.slots[name]
                 self.free.append(hit[0])
         self.generation = layer.generation

@@ -50,11 +50,11 @@ class TokenPlan:
     """Token i of a flat (1, N) forward runs adapter names[i]; row j of the K emitting rows runs
     emit_names[j] (layers that see K rows: the output head under logits_to_keep)."""
 
-    def __init__(self, names: list[str], emit_names: list[str], pools=None, long: int = 16):
+    def __init__(self, names: list[str], emit_names: list[str], pools=None, long: int = 16, gather_min: int = 1):
         self.n, self.n_emit = len(names), len(emit_names)
         self.tokens = slices_of(list(names))
         self.emits = slices_of(list(emit_names))
-        self.pools, self.long = pools, long
+        self.pools, self.long, self.gather_min = pools, long, gather_min
 
     def apply(self, layer: nn.Module, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """result (1, n, out) plus each slice's adapter output, in place."""
@@ -78,18 +78,27 @@ class TokenPlan:
             if self.pools is not None and not embedding and hi - lo < self.long:
                 short.setdefault(0 if self.pools.padded else layer.r[name], []).append((name, lo, hi))
                 continue
-            A, B, s = layer.lora_A[name], layer.lora_B[name], layer.scaling[name]
-            if embedding:  # as _apply_adapter: result + (embed(ids, Aᵀ) @ Bᵀ)·s
-                out2[lo:hi] += (layer.embed(x2[lo:hi], A.T) @ B.T) * s
-                continue
-            after_A = F.linear(x2[lo:hi].to(A.dtype), A)  # (t, r)
-            if out2.dtype == after_A.dtype == B.dtype:
-                out2[lo:hi].addmm_(after_A, B.T, alpha=s)  # the GEMM _apply_adapter runs
-            else:  # fp32 adapters on a bf16 base
-                out2[lo:hi] += (F.linear(after_A, B) * s).to(out2.dtype)
+            self._segment(layer, x2, out2, name, lo, hi, embedding)
         for group in short.values():
-            self._gathered(layer, x2, out2, max(layer.r[name] for name, _, _ in group), group)
+            if len(group) >= self.gather_min:
+                self._gathered(layer, x2, out2, max(layer.r[name] for name, _, _ in group), group)
+            else:
+                for name, lo, hi in group:
+                    self._segment(layer, x2, out2, name, lo, hi, embedding)
         return result
+
+    def _segment(self, layer: nn.Module, x2: torch.Tensor, out2: torch.Tensor, name: str, lo: int, hi: int,
+                 embedding: bool) -> None:
+        """out2[lo:hi] += adapter `name`'s output for tokens lo..hi: one GEMM pair, as _apply_adapter."""
+        A, B, s = layer.lora_A[name], layer.lora_B[name], layer.scaling[name]
+        if embedding:  # as _apply_adapter: result + (embed(ids, Aᵀ) @ Bᵀ)·s
+            out2[lo:hi] += (layer.embed(x2[lo:hi], A.T) @ B.T) * s
+            return
+        after_A = F.linear(x2[lo:hi].to(A.dtype), A)  # (t, r)
+        if out2.dtype == after_A.dtype == B.dtype:
+            out2[lo:hi].addmm_(after_A, B.T, alpha=s)  # the GEMM _apply_adapter runs
+        else:  # fp32 adapters on a bf16 base
+            out2[lo:hi] += (F.linear(after_A, B) * s).to(out2.dtype)
 
     def _gathered(self, layer: nn.Module, x2: torch.Tensor, out2: torch.Tensor, r: int, group: list) -> None:
         """out2[tokens of group] += each token's x·Aᵀ·(s·B)ᵀ, factors gathered from the rank-r pool."""

@@ -3,13 +3,18 @@
     build(model, tokenizer, name, adapters=DIR, ...) -> (app, engine)   for an already loaded model
     serve(model="M", adapters="DIR", host=..., port=...)                 what `lorakit serve` runs
 
-uvicorn handles Ctrl-C / SIGTERM: it stops accepting, lets the open requests finish, then the app's
-shutdown drains the engine.
+Ctrl-C / SIGTERM drains: new requests get 503 (in the API's error shape) while the running and
+waiting ones finish, then uvicorn shuts down and the process exits 0. A second signal, or
+`drain_s` seconds, stops at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
+import time
 
 import torch
 
@@ -72,4 +77,42 @@ def serve(model: str, adapters=None, host: str = "127.0.0.1", port: int = 8000, 
     log.info("serving %r and adapters %s on http://%s:%d/v1", model, engine.registry.names(), host, port)
     for folder, why in engine.registry.skipped.items():
         log.warning("not serving %s: %s", folder, why)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+    server = _draining_server(uvicorn, app, engine, host, port)
+    server.run()
+    log.info("stopped")
+
+
+def _draining_server(uvicorn, app, engine, host: str, port: int, drain_s: float = 60.0):
+    """A uvicorn.Server whose Ctrl-C / SIGTERM first drains (see the module doc)."""
+    log = logging.getLogger("lorakit.serve")
+
+    class Draining(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            old = {sig: signal.signal(sig, self.drain) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:  # unlike uvicorn's, the signal is not raised again: a drained server exits 0
+                for sig, handler in old.items():
+                    signal.signal(sig, handler)
+
+        def drain(self, sig, frame) -> None:
+            if app.state.draining:  # the second signal: stop now
+                log.warning("second signal: stopping without waiting")
+                self.should_exit = self.force_exit = True
+                return
+            app.state.draining = True
+            running, waiting = engine.depth()
+            log.info("draining: %d running and %d waiting requests finish, new ones get 503", running, waiting)
+            threading.Thread(target=self._wait, daemon=True, name="lorakit-drain").start()
+
+        def _wait(self) -> None:
+            deadline = time.monotonic() + drain_s
+            while any(engine.depth()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.should_exit = True  # uvicorn then lets the open responses finish sending
+
+    return Draining(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30))
