@@ -39,7 +39,7 @@ def test_gathered_equals_the_formula_with_mixed_ranks(padded, long):
     pools = Pools(padded=padded)
     with torch.inference_mode():
         for _ in range(2):  # the second call reuses the slots
-            with using_row_plan(TokenPlan(NAMES, NAMES[-1:], pools, long=long)):
+            with using_row_plan(TokenPlan(NAMES, NAMES[-1:], pools, long=long, gather_min=1)):
                 got = layer(x)[0]
             torch.testing.assert_close(got, formula(layer, x, NAMES), atol=1e-5, rtol=1e-5)
     if long == 16:
@@ -53,22 +53,22 @@ def test_non_contiguous_group_and_slot_reuse():
     names = ["a", "b", "c"]  # rank 4 tokens at 0 and 2: not contiguous
     x = torch.randn(1, 3, 12)
     pools = Pools()
-    with torch.inference_mode(), using_row_plan(TokenPlan(names, ["c"], pools)):
+    with torch.inference_mode(), using_row_plan(TokenPlan(names, ["c"], pools, gather_min=1)):
         torch.testing.assert_close(layer(x)[0], formula(layer, x, names), atol=1e-5, rtol=1e-5)
     layer.delete("a")  # its slot is freed, then taken by a new adapter of another name
     layer.add("z", 4, scaling=0.5, init=False)
     layer.lora_A["z"].requires_grad_(False), layer.lora_B["z"].requires_grad_(False)
     names = ["z", "b", "c"]
-    with torch.inference_mode(), using_row_plan(TokenPlan(names, ["c"], pools)):
+    with torch.inference_mode(), using_row_plan(TokenPlan(names, ["c"], pools, gather_min=1)):
         torch.testing.assert_close(layer(x)[0], formula(layer, x, names), atol=1e-5, rtol=1e-5)
     assert len(pools._pools[layer][4].slots) == 2
     layer.delete("c")
     layer.add("c", 4, scaling=0.5, init=False)  # the same name back with other weights
-    with torch.inference_mode(), using_row_plan(TokenPlan(names, ["c"], pools)):
+    with torch.inference_mode(), using_row_plan(TokenPlan(names, ["c"], pools, gather_min=1)):
         torch.testing.assert_close(layer(x)[0], formula(layer, x, names), atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         layer.lora_B["c"].mul_(3)  # changed in place: the version counter moves
-    with torch.inference_mode(), using_row_plan(TokenPlan(names, ["c"], pools)):
+    with torch.inference_mode(), using_row_plan(TokenPlan(names, ["c"], pools, gather_min=1)):
         torch.testing.assert_close(layer(x)[0], formula(layer, x, names), atol=1e-5, rtol=1e-5)
 
 
@@ -78,6 +78,15 @@ def test_pool_grows_past_its_first_capacity():
     names = list(ranks)
     x = torch.randn(1, len(names), 12)
     pools = Pools()
-    with torch.inference_mode(), using_row_plan(TokenPlan(names, names[-1:], pools)):
+    with torch.inference_mode(), using_row_plan(TokenPlan(names, names[-1:], pools, gather_min=1)):
         torch.testing.assert_close(layer(x)[0], formula(layer, x, names), atol=1e-5, rtol=1e-5)
     assert pools._pools[layer][4].packed.shape[0] >= 11
+
+
+def test_few_short_slices_keep_the_per_adapter_gemms():
+    layer = layer_with({"a": 4, "b": 8})
+    x = torch.randn(1, 2, 12)
+    pools = Pools()
+    with torch.inference_mode(), using_row_plan(TokenPlan(["a", "b"], ["b"], pools, gather_min=2)):
+        torch.testing.assert_close(layer(x)[0], formula(layer, x, ["a", "b"]), atol=1e-5, rtol=1e-5)
+    assert layer not in pools._pools  # one slice per rank: under gather_min, nothing gathered

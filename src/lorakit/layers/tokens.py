@@ -10,7 +10,8 @@ gets exactly the numbers a plain forward with that adapter gives). No gather of 
 a stack per token would materialise N·(in·r + r·out) floats per layer.
 
 With a Pools store (pool.py), slices shorter than `long` tokens (decoding: one token per sequence,
-so a step over many adapters is many tiny slices) are instead gathered per rank: each token's
+so a step over many adapters is many tiny slices), when a rank has at least `gather_min` of them
+in a layer (fewer run faster as GEMMs: benchmarks/bench_tokens.py), are instead gathered per rank: each token's
 factors are taken from its rank's slot pool (one index_select) and two batched matmuls add all of
 that rank's tokens at once, so the number of small ops per layer grows with the ranks present,
 not with the adapters present. Long slices (prefill) keep the per-adapter GEMMs. The gathered
@@ -50,7 +51,7 @@ class TokenPlan:
     """Token i of a flat (1, N) forward runs adapter names[i]; row j of the K emitting rows runs
     emit_names[j] (layers that see K rows: the output head under logits_to_keep)."""
 
-    def __init__(self, names: list[str], emit_names: list[str], pools=None, long: int = 16, gather_min: int = 1):
+    def __init__(self, names: list[str], emit_names: list[str], pools=None, long: int = 16, gather_min: int = 8):
         self.n, self.n_emit = len(names), len(emit_names)
         self.tokens = slices_of(list(names))
         self.emits = slices_of(list(emit_names))

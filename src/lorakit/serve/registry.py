@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..adapters import files, manage
+from ..adapters import files, slots
 from ..config import LoraConfig
 from ..errors import LorakitError
 from ..layers import BASE
@@ -219,7 +219,7 @@ class Registry:
             self.no_room = True
             return None
         key = f"lk{next(self._ids)}"
-        files.attach_adapter(self.model, read.config, read.tensors, self.path(name) or name, key, activate=False)
+        slots.attach(self.model, read.config, read.tensors, key, self.path(name) or name)
         self.resident[key] = Slot(name, read.fingerprint, read.nbytes, read.config.r)
         self.resident_bytes += read.nbytes
         self.attaches += 1
@@ -244,7 +244,7 @@ class Registry:
         slot = self.resident.pop(key, None)
         if slot is None:
             return
-        manage.delete_adapter(self.model, key)
+        slots.detach(self.model, key)
         self.resident_bytes -= slot.nbytes
         if self.current.get(slot.name) == key:
             del self.current[slot.name]
