@@ -126,6 +126,7 @@ async def load(url: str, models: list[str], clients: int, rounds: int, max_token
     t0 = time.perf_counter()
     await asyncio.gather(*[client(k) for k in range(clients)])
     wall = time.perf_counter() - t0
+    await c.close()
     q = sorted(ttft)
     return {"tok_s": sum(tokens) / wall, "ttft_p50": statistics.median(q),
             "ttft_p99": q[min(len(q) - 1, int(round(0.99 * (len(q) - 1))))], "tokens": sum(tokens), "wall": wall}

@@ -3,14 +3,15 @@
     python benchmarks/bench_tokens.py [--hidden 256 --layers 4] [--sequences 64] [--distinct 1 4 16 64]
 
 One engine (no HTTP), `sequences` requests decoding together, request i on adapter i % k for k
-distinct adapters per batch (k = 0: base only). Adapters are random: ranks 8 and 16 alternating,
+distinct adapters per batch (k = 0: base only). Adapters are random: ranks 8 and 16 (--ranks) alternating,
 half on q/k/v/o and half on all linear layers, all resident. Three ways to add the LoRA part of a
 decoding step (engine.Engine lora_path):
     segments  one GEMM pair per adapter present per layer (TokenPlan's slices)
     ranks     each token's factors gathered from its rank's slot pool, two bmm per rank per layer
-    padded    the same from one pool padded to the largest rank (16)
-Reported: decode tokens per CPU-second of the engine thread (median over `rounds`, interleaved, after a warm-up round that reads and
-attaches the adapters and fills the slot pools), and each ratio to base only.
+    padded    the same from one pool padded to the largest rank
+Reported: decode tokens per CPU-second of the engine thread (robust to other jobs on the machine;
+median over `rounds`, interleaved, after a warm-up round that reads and attaches the adapters and
+fills the slot pools), and each ratio to base only.
 Model: Llama, SmolLM2's 49152-token vocabulary, hidden/layers as given, fp32, one torch thread.
 """
 
@@ -38,11 +39,11 @@ def small_llama(hidden: int, layers: int, vocab: int = 49152):
     return LlamaForCausalLM(cfg).eval()
 
 
-def write_adapters(model, root: Path, n: int) -> Path:
-    """n random adapters: rank 8 / 16 alternating, q/k/v/o on even pairs and all-linear on odd pairs."""
+def write_adapters(model, root: Path, n: int, ranks=(8, 16)) -> Path:
+    """n random adapters: ranks alternating, q/k/v/o on even pairs and all-linear on odd pairs."""
     import lorakit
     for i in range(n):
-        r = 8 if i % 2 == 0 else 16
+        r = ranks[i % len(ranks)]
         targets = ["q_proj", "k_proj", "v_proj", "o_proj"] if (i // 2) % 2 == 0 else "all-linear"
         lorakit.add_adapter(model, lorakit.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,
                                                       init_lora_weights=False), "x")
@@ -90,10 +91,11 @@ def main() -> None:
     p.add_argument("--paths", nargs="+", default=["segments", "ranks", "padded"])
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--ranks", type=int, nargs="+", default=[8, 16], help="adapter ranks, in turn")
     args = p.parse_args()
     torch.set_num_threads(1)
     model = small_llama(args.hidden, args.layers)
-    root = write_adapters(model, Path(tempfile.mkdtemp(prefix="bench_tokens_")), max(args.distinct))
+    root = write_adapters(model, Path(tempfile.mkdtemp(prefix="bench_tokens_")), max(args.distinct), args.ranks)
     registry = Registry(model, root, "base", max_loaded=max(args.distinct))
     cases = [("base", 0)] + [(path, k) for k in args.distinct for path in args.paths]
     rates: dict = {c: [] for c in cases}
@@ -109,7 +111,7 @@ def main() -> None:
             if round_:
                 rates[(path, k)].append(rate)
     base = statistics.median(rates[("base", 0)])
-    print(json.dumps({"model": f"llama hidden {args.hidden}, {args.layers} layers, vocab 49152",
+    print(json.dumps({"model": f"llama hidden {args.hidden}, {args.layers} layers, vocab 49152", "ranks": args.ranks,
                       "sequences": args.sequences, "base_tok_s": round(base, 1)}))
     print("\n| distinct adapters | " + " | ".join(f"{p} tok/s (× base)" for p in args.paths) + " |")
     print("|---:|" + "---:|" * len(args.paths))

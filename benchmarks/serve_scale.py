@@ -52,7 +52,8 @@ def write_adapters(model_dir: Path, root: Path, n: int) -> Path:
         lorakit.save_adapter(model, root / f"_kind{k}", "x")
         lorakit.delete_adapter(model, "x")
         folder = root / f"_kind{k}"
-        templates.append(((folder / "adapter_config.json").read_text(), load_file(folder / "adapter_model.safetensors")))
+        templates.append(((folder / "adapter_config.json").read_text(),
+                          load_file(folder / "adapter_model.safetensors")))
     for k in range(len(KINDS)):
         for f in (root / f"_kind{k}").iterdir():
             f.unlink()
@@ -148,7 +149,7 @@ def main(n_adapters: int, argv: list[str]) -> None:
 def report(args, rows, curve, base_curve, n_adapters, disk, work) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    med = lambda kind, key: statistics.median(r[key] for r in rows if r["traffic"] == kind)  # noqa: E731
+    med = lambda kind, key: statistics.median(r[key] for r in rows if r["traffic"] == kind)
     base_tok, base_p99 = med("base", "tok_s"), med("base", "ttft_p99")
     print(f"\n| traffic ({args.clients} clients) | tok/s | × base | TTFT p50 (s) | TTFT p99 (s) | p99 × base |"
           "\n|---|---:|---:|---:|---:|---:|")
@@ -157,8 +158,9 @@ def report(args, rows, curve, base_curve, n_adapters, disk, work) -> None:
         print(f"| {kind} | {t:.0f} | {t / base_tok:.2f} | {med(kind, 'ttft_p50'):.3f} | {p99:.3f} | "
               f"{p99 / base_p99:.2f} |")
     last = rows[-1]
-    print(f"\nhost cache: peak {last['host_cache_peak_bytes'] / 1e6:.1f} MB of {last['host_cache_capacity_bytes'] / 1e6:.1f}"
-          f" MB budget; adapters on disk {disk / 1e6:.0f} MB; reads {last['adapter_reads_total']:.0f}, attaches "
+    print(f"\nhost cache: peak {last['host_cache_peak_bytes'] / 1e6:.1f} MB of "
+          f"{last['host_cache_capacity_bytes'] / 1e6:.1f} MB budget; adapters on disk {disk / 1e6:.0f} MB; "
+          f"reads {last['adapter_reads_total']:.0f}, attaches "
           f"{last['adapter_attaches_total']:.0f}; server RSS {last['rss_bytes'] / 1e6:.0f} MB (peak "
           f"{last['rss_peak_bytes'] / 1e6:.0f} MB)")
     print(f"\n| distinct adapters per batch ({args.curve_clients} clients) | tok/s | × base | TTFT p99 (s) |"

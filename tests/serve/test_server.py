@@ -2,7 +2,9 @@
 in the API's error shape, exit status 0), and one log line per request."""
 
 import json
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -13,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from serving import adapters_dir  # noqa: F401  (fixture)
+from serving import adapters_dir, server  # noqa: F401  (fixtures)
 
 
 def free_port() -> int:
@@ -75,3 +77,25 @@ def test_sigterm_drains_mid_stream_then_exits_0(tiny_model_dir, adapters_dir, tm
                and "prompt_tokens=" in ln for ln in done), lines
     assert any("model=a1" in ln and "completion_tokens=2" in ln for ln in done)
     assert any("status=503" in ln for ln in lines) and any("draining" in ln for ln in lines)
+
+
+def test_one_log_line_per_request_and_503_while_draining(server, caplog):
+    c = server.client("secret")
+    with caplog.at_level(logging.INFO, logger="lorakit.serve"):
+        c.completions.create(model="a2", prompt="The sky", max_tokens=3, temperature=0)
+        with pytest.raises(Exception):
+            c.completions.create(model="nope", prompt="x", max_tokens=3)
+    lines = [r.getMessage() for r in caplog.records if r.name == "lorakit.serve"]
+    done = [ln for ln in lines if ln.startswith("request cmpl-")]
+    assert len(done) == 1 and "model=a2" in done[0] and "completion_tokens=3" in done[0] and "status=200" in done[0]
+    assert re.search(r"prompt_tokens=\d+ .*latency=\d+\.\d+s ttft=\d+\.\d+s finish=length", done[0])
+    assert any("model=nope status=404" in ln for ln in lines)
+    assert len([ln for ln in lines if "/v1/completions" in ln or "cmpl-" in ln]) == 2  # one line each
+    app = server.server.config.app
+    app.state.draining = True
+    try:
+        r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "x"},
+                       headers={"Authorization": "Bearer secret"}, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == 503 and r.headers["retry-after"]
+    finally:
+        app.state.draining = False

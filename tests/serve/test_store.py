@@ -82,7 +82,7 @@ def test_eviction_under_memory_pressure_keeps_greedy_answers(tiny_model_dir, ada
     roomy = start_server(tiny_model_dir, adapters_dir, max_loaded=16, max_model_len=128)
     try:
         jobs = [((["tiny"] + ADAPTERS)[i % 9], f"Tell me about {w}") for i, w in enumerate("abcdefghijklmnopqr")]
-        run = lambda s: lambda job: ask(s, *job)  # noqa: E731
+        run = lambda s: lambda job: ask(s, *job)
         with ThreadPoolExecutor(9) as pool:
             pressed = list(pool.map(run(tight), jobs))
         with ThreadPoolExecutor(9) as pool:
@@ -99,7 +99,7 @@ def test_eviction_under_memory_pressure_keeps_greedy_answers(tiny_model_dir, ada
 def test_host_cache_is_bounded_in_bytes():
     import torch
     cache = HostCache(capacity=3000)
-    item = lambda n: Read(None, {"w": torch.zeros(n // 4)}, ("v",), n)  # noqa: E731
+    item = lambda n: Read(None, {"w": torch.zeros(n // 4)}, ("v",), n)
     for k in range(5):
         cache.put(f"a{k}", item(1000))
         assert cache.bytes <= 3000

@@ -7,7 +7,8 @@ Errors are {"error": {"message", "type", "param", "code"}} with the HTTP status 
 client can send gets a 4xx, never a 500. While the server drains (app.state.draining, set by
 server.py on Ctrl-C / SIGTERM) new requests get 503 in that shape; the running ones finish.
 One log line per request (logger lorakit.serve): a generation logs its model, prompt and completion
-tokens, latency, time to first token, finish reason and status when it ends; others log when answered. With an API key every endpoint wants
+tokens, latency, time to first token, finish reason and status when it ends; others log when answered.
+With an API key every endpoint wants
 `Authorization: Bearer KEY` (401 otherwise); the admin endpoints want the admin key.
 """
 
