@@ -239,3 +239,24 @@ def test_hot_adapters_cannot_starve_a_cold_one(tmp_path):
         engine.step()
     assert "b" in done and done["b"].finish_reason == "length"
     assert time.time() - t0 < 10
+
+
+def test_resident_budget_in_bytes(tmp_path):
+    from lorakit.adapters.files import read_adapter
+    from lorakit.serve.store import nbytes
+    folder = saved_adapters(tmp_path, ["a", "b", "c"])
+    size = nbytes(read_adapter(folder / "a")[1])
+    model = tiny_llama()
+    registry = Registry(model, folder, "tiny", max_loaded=None, max_loaded_bytes=int(2.5 * size))
+    engine = Engine(model, Tok(), registry, max_batch_tokens=16)
+    engine.eos = set()
+    reqs = [(["a", "b", "c"][i % 3], p, 4) for i, p in enumerate(prompts(9, seed=11))]
+    done = {}
+    for i, (name, prompt, n) in enumerate(reqs):
+        engine.submit(Request(prompt, name, SamplingParams(max_tokens=n, temperature=0), collect(done, i)))
+    while len(done) < len(reqs):
+        engine.step()
+        assert registry.resident_bytes <= 2.5 * size and len(registry.resident) <= 2
+    for i, (name, prompt, n) in enumerate(reqs):
+        assert done[i].text == " ".join(map(str, reference(folder, name, prompt, n))), (i, name)
+    assert registry.attaches >= 3  # all three attached, never more than two at once: evictions
