@@ -39,6 +39,9 @@ def test_folder_added_while_serving_is_served(watched, adapters_dir):
     while "late" not in [m.id for m in s.client("k").models.list().data] and time.time() < deadline:
         time.sleep(0.1)
     assert "late" in [m.id for m in s.client("k").models.list().data]  # the rescan lists it
+    shutil.rmtree(root / "late")
+    with pytest.raises(openai.NotFoundError):  # a removed folder is gone at once
+        ask(s, "late")
 
 
 def test_changed_folder_is_served_with_its_new_weights(watched, tiny_model_dir):

@@ -35,7 +35,9 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
+    from ..serve.registry import parse_bytes, parse_resident
     from ..serve.server import serve
+    parse_resident(args.max_loaded), parse_bytes(args.host_cache_bytes)  # a bad size fails before the model loads
     serve(model=args.model, adapters=args.adapters, host=args.host, port=args.port, max_loaded=args.max_loaded,
           api_key=args.api_key, admin_key=args.admin_key, max_batch_tokens=args.max_batch_tokens,
           max_queue=args.max_queue, max_model_len=args.max_model_len, threads=args.threads,

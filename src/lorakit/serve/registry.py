@@ -40,7 +40,8 @@ UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB"
 
 
 def parse_bytes(text: str | int) -> int:
-    """'512MB', '2GiB', '1e6'-free plain numbers of bytes -> int; LorakitError naming the form otherwise."""
+    """'512MB', '2GiB' (units: B, K/KB/M/MB/G/GB/T/TB in 1000s, KiB/MiB/GiB/TiB in 1024s) or a plain number of
+    bytes -> int; a LorakitError naming the form otherwise."""
     if isinstance(text, int):
         return text
     m = SIZE_RE.match(str(text))

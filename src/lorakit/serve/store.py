@@ -234,8 +234,12 @@ class Catalog:
         """The folder of `name`; a folder not yet scanned is looked up on disk (and added) right away."""
         with self._lock:
             path = self.pinned.get(name) or self.paths.get(name)
-            if path is not None or name in self.hidden:
-                return path
+        if path is not None and not (path / CONFIG_NAME).is_file():  # removed since the last scan
+            with self._lock:
+                self.paths.pop(name, None)
+            return None
+        if path is not None or name in self.hidden:
+            return path
         sub = self.root / name if isinstance(name, str) and name else None
         if sub is None or not (sub / CONFIG_NAME).is_file() or self._why_not(name) is not None:
             return None
