@@ -1,6 +1,7 @@
 """Serving throughput and time to first token on loopback: lorakit serve vs transformers serve vs naive PEFT.
 
     python benchmarks/bench_serve.py [--model DIR] [--clients 1 8 32] [--max-tokens 32] [--rounds 2]
+    python benchmarks/bench_serve.py --adapters 1000 [...]   the S-LoRA scale mode: serve_scale.py
 
 Each server runs as its own process (one torch thread each: OMP_NUM_THREADS=1) and is measured in
 this one run, one after another, by the same bounded load generator: C concurrent clients each send
@@ -37,7 +38,7 @@ def prompts(n: int) -> list[str]:
     return [" ".join(WORDS[: 3 + (7 * i) % 12] * (1 + i % 3)) for i in range(n)]
 
 
-def make_model(folder: Path) -> Path:
+def make_model(folder: Path, hidden: int = 64, layers: int = 2) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     import importlib.util
@@ -45,7 +46,7 @@ def make_model(folder: Path) -> Path:
     tok = AutoTokenizer.from_pretrained(list(spec.submodule_search_locations)[0],
                                         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     LlamaForCausalLM(cfg).save_pretrained(folder)
@@ -84,7 +85,10 @@ def wait_ready(url: str, proc, timeout: float = 300) -> None:
     raise RuntimeError("server did not come up")
 
 
-async def load(url: str, models: list[str], clients: int, rounds: int, max_tokens: int, stream: bool) -> dict:
+async def load(url: str, models: list[str], clients: int, rounds: int, max_tokens: int, stream: bool,
+               warm: list[str] | None = None) -> dict:
+    """C clients, `rounds` requests each one after another; request i asks for models[i % len(models)].
+    `warm`: models asked once each (concurrently) before the clock starts."""
     from openai import AsyncOpenAI
     c = AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=600)
     texts = prompts(clients * rounds)
@@ -114,10 +118,15 @@ async def load(url: str, models: list[str], clients: int, rounds: int, max_token
             await one(k * rounds + r)
 
     await one(0)  # warm up
+    if warm:
+        async def warm_one(m: str) -> None:
+            await c.completions.create(model=m, prompt="warm", max_tokens=2, temperature=0)
+        await asyncio.gather(*[warm_one(m) for m in warm])
     ttft.clear(), tokens.clear()
     t0 = time.perf_counter()
     await asyncio.gather(*[client(k) for k in range(clients)])
     wall = time.perf_counter() - t0
+    await c.close()
     q = sorted(ttft)
     return {"tok_s": sum(tokens) / wall, "ttft_p50": statistics.median(q),
             "ttft_p99": q[min(len(q) - 1, int(round(0.99 * (len(q) - 1))))], "tokens": sum(tokens), "wall": wall}
@@ -188,6 +197,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="requests per client, one after another")
     p.add_argument("--only", nargs="+", help="servers to run (lorakit-base lorakit-1 lorakit-16 hf-cb naive)")
     p.add_argument("--naive-server", nargs=3, metavar=("MODEL", "ADAPTERS", "PORT"), help=argparse.SUPPRESS)
+    p.add_argument("--adapters", type=int, help="S-LoRA scale mode: this many adapters on disk (serve_scale.py "
+                   "takes the other flags)")
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--adapters", type=int)
+    scale, rest = pre.parse_known_args()
+    if scale.adapters:
+        import serve_scale
+        return serve_scale.main(scale.adapters, rest)
     args = p.parse_args()
     if args.naive_server:
         return naive_server(args.naive_server[0], args.naive_server[1], int(args.naive_server[2]))

@@ -1,6 +1,7 @@
 """The serving engine: greedy tokens equal plain `generate` per request, whatever else is in the batch."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -179,3 +180,83 @@ def test_engine_thread_serves_and_drains(setup):
         engine.submit(Request(prompt, "a", SamplingParams(max_tokens=5, temperature=0), sink))
     engine.stop(drain=True)
     assert ev.is_set() and all(d.finish_reason == "length" for d in done)
+
+
+def test_a_request_waits_only_for_its_own_adapter(setup):
+    """A slow read of adapter c holds up c's request only; base and a requests finish meanwhile."""
+    folder, model, engine = setup
+    real = engine.registry.loader._read
+    def slow(path):
+        if path.name == "c":
+            time.sleep(1.5)
+        return real(path)
+    engine.registry.loader._read = slow
+    finished, lock = [], threading.Lock()
+    def sink(name):
+        def on(d):
+            if d.finish_reason:
+                with lock:
+                    finished.append((name, d.finish_reason))
+        return on
+    engine.start()
+    try:
+        engine.submit(Request(prompts(1)[0], "c", SamplingParams(max_tokens=3, temperature=0), sink("c")))
+        for name in (BASE, "a", BASE):
+            engine.submit(Request(prompts(1, seed=2)[0], name, SamplingParams(max_tokens=3, temperature=0), sink(name)))
+        deadline = time.time() + 30
+        while len(finished) < 4 and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        engine.stop(drain=True)
+    assert [n for n, _ in finished][-1] == "c" and len(finished) == 4
+    assert all(reason == "length" for _, reason in finished)
+
+
+def test_hot_adapters_cannot_starve_a_cold_one(tmp_path):
+    """One resident slot, always busy with adapter a: b still starts, within about max_wait_s plus one
+    request's lifetime (the scheduler stops admitting a once b has waited max_wait_s)."""
+    folder = saved_adapters(tmp_path, ["a", "b"])
+    engine = Engine(tiny_llama(), Tok(), Registry(tiny_llama(), folder, "tiny", max_loaded=1), max_batch_tokens=64,
+                    max_wait_s=0.3)
+    engine.model = engine.registry.model
+    engine.eos = set()
+    done = {}
+    def submit(name, key):
+        engine.submit(Request(prompts(1, seed=len(done))[0], name, SamplingParams(max_tokens=6, temperature=0),
+                              collect(done, key)))
+    k = 0
+    for _ in range(2):
+        submit("a", k)
+        k += 1
+    while not engine.registry.current.get("a"):
+        engine.step()
+    submit("b", "b")
+    t0 = time.time()
+    while "b" not in done and time.time() - t0 < 20:
+        if sum(1 for r in engine.running + engine.waiting if r.adapter == "a") < 2:  # a is never idle
+            submit("a", k)
+            k += 1
+        engine.step()
+    assert "b" in done and done["b"].finish_reason == "length"
+    assert time.time() - t0 < 10
+
+
+def test_resident_budget_in_bytes(tmp_path):
+    from lorakit.adapters.files import read_adapter
+    from lorakit.serve.store import nbytes
+    folder = saved_adapters(tmp_path, ["a", "b", "c"])
+    size = nbytes(read_adapter(folder / "a")[1])
+    model = tiny_llama()
+    registry = Registry(model, folder, "tiny", max_loaded=None, max_loaded_bytes=int(2.5 * size))
+    engine = Engine(model, Tok(), registry, max_batch_tokens=16)
+    engine.eos = set()
+    reqs = [(["a", "b", "c"][i % 3], p, 4) for i, p in enumerate(prompts(9, seed=11))]
+    done = {}
+    for i, (name, prompt, n) in enumerate(reqs):
+        engine.submit(Request(prompt, name, SamplingParams(max_tokens=n, temperature=0), collect(done, i)))
+    while len(done) < len(reqs):
+        engine.step()
+        assert registry.resident_bytes <= 2.5 * size and len(registry.resident) <= 2
+    for i, (name, prompt, n) in enumerate(reqs):
+        assert done[i].text == " ".join(map(str, reference(folder, name, prompt, n))), (i, name)
+    assert registry.attaches >= 3  # all three attached, never more than two at once: evictions

@@ -9,7 +9,7 @@ import json
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from serving import adapters_dir, server  # noqa: F401  (fixtures)
@@ -49,6 +49,9 @@ def test_openapi_document_lists_the_endpoints(server):
 @given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter",
                              "/v1/unload_lora_adapter", "/v1/models", "/v1/nothing"]),
        body=bodies(), key=st.sampled_from(["secret", "root", "bad"]))
+@example(path="/v1/completions", body={"model": "tiny", "prompt": "x", "temperature": float("nan")}, key="secret")
+@example(path="/v1/chat/completions", body={"model": "a0", "messages": [{"role": "user", "content": "x"}],
+                                            "top_p": float("inf"), "max_tokens": 2}, key="secret")
 def test_no_500s(server, path, body, key):
     if isinstance(body, dict) and body.get("max_tokens", 0) and isinstance(body.get("max_tokens"), int):
         body["max_tokens"] = min(body["max_tokens"], 8)  # keep generation short

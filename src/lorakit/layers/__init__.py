@@ -10,6 +10,7 @@
     dora.py       DoRA (linear, conv, embedding) as a variant object that owns its caches
     mixed.py      per-row adapters in one forward (RowPlan, the stacked and segment paths)
     tokens.py     per-token adapters in one flat (1, N) forward (TokenPlan, for serving steps)
+    pool.py       slot pools: per layer and rank, adapters packed in slots (gathered per token)
     fused.py      the training fast path: one autograd node per LoRA linear
     recompute.py  training memory: rebuild a LoRA layer's input in backward from what the base keeps
 """
@@ -21,6 +22,7 @@ from .fused import _LoraLinear  # noqa: F401  (old import path: lorakit.layers._
 from .layer import LoraLayer, Variant, current_row_plan, using_row_plan
 from .mixed import BASE, RowPlan, Stacks
 from .param import ParamKind
+from .pool import Pools
 from .tokens import TokenPlan
 
 
@@ -30,5 +32,6 @@ def layer_kind(module) -> str | None:
     return kind.family if kind is not None else None
 
 
-__all__ = ["BASE", "BaseKind", "DoRA", "LoraLayer", "ParamKind", "RowPlan", "Stacks", "TokenPlan", "Variant", "current_row_plan",
+__all__ = ["BASE", "BaseKind", "DoRA", "LoraLayer", "ParamKind", "Pools", "RowPlan", "Stacks", "TokenPlan", "Variant",
+           "current_row_plan",
            "dense_weight", "kind_of", "layer_kind", "register", "using_row_plan"]

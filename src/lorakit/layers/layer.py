@@ -193,6 +193,17 @@ class LoraLayer(nn.Module):
                 if name in store:
                     store[name].data = store[name].data.float()
 
+    def add_frozen(self, name: str, A: torch.Tensor, B: torch.Tensor, scaling: float) -> None:
+        """Create plain adapter `name` from given factors A (r, in), B (out, r), frozen, drawing no random
+        init (a server attaching adapters it has read); dtypes as add() gives them (fp32 on a half base)."""
+        dev, dtype = self._param_device_dtype()
+        dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        self.lora_A[name] = nn.Parameter(A.to(dev, dtype, copy=True), requires_grad=False)
+        self.lora_B[name] = nn.Parameter(B.to(dev, dtype, copy=True), requires_grad=False)
+        self.r[name], self.scaling[name] = A.shape[0], scaling
+        self.lora_dropout[name] = nn.Identity()
+        self.generation += 1
+
     def _factor_shapes(self, r: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Empty A and B in this layer's convention (see the module docstring)."""
         if self.kind != "conv":

@@ -4,7 +4,11 @@ Endpoints (OpenAI's and vLLM's names and shapes): GET /v1/models, POST /v1/compl
 POST /v1/chat/completions (SSE when stream, ending with `data: [DONE]`), POST /v1/load_lora_adapter,
 POST /v1/unload_lora_adapter (admin key), GET /health, GET /metrics (Prometheus text).
 Errors are {"error": {"message", "type", "param", "code"}} with the HTTP status as code; anything a
-client can send gets a 4xx, never a 500. With an API key every endpoint wants
+client can send gets a 4xx, never a 500. While the server drains (app.state.draining, set by
+server.py on Ctrl-C / SIGTERM) new requests get 503 in that shape; the running ones finish.
+One log line per request (logger lorakit.serve): a generation logs its model, prompt and completion
+tokens, latency, time to first token, finish reason and status when it ends; others log when answered.
+With an API key every endpoint wants
 `Authorization: Bearer KEY` (401 otherwise); the admin endpoints want the admin key.
 """
 
@@ -33,6 +37,7 @@ from .sampling import SamplingParams
 from .schema import ChatRequest, CompletionRequest, LoadAdapter, Sampling, UnloadAdapter
 
 log = logging.getLogger("lorakit.serve")
+STATUS = {"error": 400, "cancelled": 499}  # a generation's logged status by finish reason (499: client left)
 STREAM_DOC = {200: {"content": {"application/json": {}, "text/event-stream": {}}}}
 
 
@@ -67,8 +72,10 @@ def create_app(engine: Engine, settings: Settings, metrics=None) -> FastAPI:
     async def lifespan(_):
         yield
         await run_in_threadpool(engine.stop, True)  # uvicorn let the open requests finish; drain the rest
+        engine.registry.close()  # the loader threads and the folder watcher
 
     app = FastAPI(title="lorakit serve", version="1", lifespan=lifespan)
+    app.state.draining = False
     registry: reg.Registry = engine.registry
     _handlers(app, settings)
 
@@ -130,12 +137,16 @@ def create_app(engine: Engine, settings: Settings, metrics=None) -> FastAPI:
                                "chat.completion", request)
 
     async def _generate(body: Sampling, ids: list[int], max_tokens: int, field: str, kind: str, request: Request):
+        request.state.model = body.model
         if body.n != 1:
             raise bad(f"n={body.n} is not supported: this server returns one choice per request (n=1)", "n")
         try:
             adapter = registry.resolve(body.model)
         except reg.NotFound as e:
             raise ApiError(404, str(e), "NotFoundError", "model") from None
+        failed = registry.failure(adapter) if adapter != BASE else None
+        if failed is not None:  # this folder version is known to be unservable
+            raise bad(failed, "model")
         limit = settings.max_model_len
         if not ids:
             raise bad(f"{field} is empty after tokenization", field)
@@ -153,6 +164,7 @@ def create_app(engine: Engine, settings: Settings, metrics=None) -> FastAPI:
                                           lambda d: loop.call_soon_threadsafe(inbox.put_nowait, d)))
         head = {"id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}",
                 "created": int(time.time()), "model": body.model}
+        request.state.logs_itself = True  # one line when the generation ends (_log_generation)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(_sse(req, inbox, head, kind, usage, request), media_type="text/event-stream")
@@ -176,6 +188,7 @@ def create_app(engine: Engine, settings: Settings, metrics=None) -> FastAPI:
             parts.append(d.text)
             if d.finish_reason is not None:
                 break
+        _log_generation(head, req, d, STATUS.get(d.finish_reason, 200))
         if d.finish_reason == "error":
             raise ApiError(400, d.error or "the request failed", "BadRequestError", "model")
         text = "".join(parts)
@@ -202,6 +215,8 @@ def create_app(engine: Engine, settings: Settings, metrics=None) -> FastAPI:
                 yield chunk("", first=True)
             while True:
                 d = await _next(req, inbox, request)
+                if d.finish_reason is not None:
+                    _log_generation(head, req, d, STATUS.get(d.finish_reason, 200))
                 if d.finish_reason == "error":
                     yield "data: " + json.dumps({"error": {"message": d.error, "type": "BadRequestError",
                                                            "param": "model", "code": 400}}) + "\n\n"
@@ -225,17 +240,16 @@ def create_app(engine: Engine, settings: Settings, metrics=None) -> FastAPI:
             registry.check_name(body.lora_name)
         except LorakitError as e:
             raise bad(str(e), "lora_name") from None
-        if body.lora_name in registry.names():
-            raise bad(f"The lora adapter '{body.lora_name}' has already been loaded; unload it first.", "lora_name")
         try:
             path = reg.inside(registry.root, body.lora_path)
-            read = await run_in_threadpool(reg.read_for_serving, path)
+            if registry.taken(body.lora_name, path):  # loading a discovered folder under its own name: a warm-up
+                raise bad(f"The lora adapter '{body.lora_name}' has already been loaded; unload it first.", "lora_name")
+            await run_in_threadpool(registry.load_now, body.lora_name, path)  # checked before it is offered
             registry.add(body.lora_name, path)
-            await asyncio.wrap_future(engine.call(lambda: registry.attach(body.lora_name, *read, engine)))
+            await asyncio.wrap_future(engine.call(lambda: registry.ready(body.lora_name, engine)))
         except reg.NotFound as e:
             raise ApiError(404, str(e), "NotFoundError", "lora_path") from None
         except LorakitError as e:
-            registry.remove(body.lora_name)
             raise bad(f"could not load adapter {body.lora_name!r}: {e}", "lora_path") from None
         return f"Success: LoRA adapter '{body.lora_name}' added successfully."
 
@@ -250,6 +264,14 @@ def create_app(engine: Engine, settings: Settings, metrics=None) -> FastAPI:
         return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
 
     return app
+
+
+def _log_generation(head: dict, req, d, status: int) -> None:
+    now = time.perf_counter()
+    ttft = f"{req.t_first - req.t_arrival:.3f}s" if req.t_first is not None else "-"
+    log.info("request %s model=%s prompt_tokens=%d completion_tokens=%d latency=%.3fs ttft=%s finish=%s status=%d",
+             head["id"], head["model"], d.prompt_tokens, d.completion_tokens, now - req.t_arrival, ttft,
+             d.finish_reason, status)
 
 
 def _usage(d) -> dict:
@@ -280,10 +302,17 @@ def _handlers(app: FastAPI, settings: Settings) -> None:
         size = request.headers.get("content-length")
         if size is not None and (not size.isdigit() or int(size) > settings.max_body_bytes):
             return error(413, f"request body over {settings.max_body_bytes} bytes", "BadRequestError")
-        try:
-            response = await call_next(request)
-        except Exception:  # a bug of ours; never a traceback to the client
-            log.exception("request failed")
-            response = error(500, "internal error", "InternalServerError")
-        log.info("%s %s %s %.3fs", request.method, request.url.path, response.status_code, time.perf_counter() - t0)
+        if request.app.state.draining:
+            response = error(503, "the server is shutting down; retry on another instance or after it restarts",
+                             "ServiceUnavailableError", headers={"Retry-After": "5"})
+        else:
+            try:
+                response = await call_next(request)
+            except Exception:  # a bug of ours; never a traceback to the client
+                log.exception("request failed")
+                response = error(500, "internal error", "InternalServerError")
+        if not getattr(request.state, "logs_itself", False):
+            model = getattr(request.state, "model", None)
+            log.info("request %s %s%s status=%d latency=%.3fs", request.method, request.url.path,
+                     f" model={model}" if model else "", response.status_code, time.perf_counter() - t0)
         return response

@@ -9,13 +9,18 @@ defaults allocate a multi-GB mask. See docs/serving.md.
 One step (Engine.step, on the engine thread):
   1. apply what arrived (new requests, cancels, adapter loads / unloads) and drop cancelled requests;
   2. schedule under a token budget (max_batch_tokens): every running sequence feeds its one pending
-     token (decode), then waiting requests are admitted first come first served while the budget and
-     max_running allow; a prompt longer than what is left is split (chunked prefill). A request whose
-     adapter is not resident waits (its load runs off this thread) without holding up the others;
-  3. order the step's sequences by adapter and lay their tokens end to end in one row (1, N): ids,
-     positions, per-sequence bounds; the last token of each sequence that reaches its end emits;
-  4. one forward under a TokenPlan (each adapter's tokens one slice) and the KV cache's attention
-     (cache.py), logits only for the emitting tokens (logits_to_keep);
+     token (decode), then waiting requests are admitted while the budget and max_running allow:
+     first any that waited longer than `max_wait_s` (oldest first: nobody starves), then those
+     whose adapter is resident (or the base), then the rest in arrival order. A prompt longer than
+     what is left is split (chunked prefill). A request whose adapter is not resident waits (its
+     read started when it arrived, on the loader thread) without holding up the others; one that
+     waited past max_wait_s and finds every resident slot busy stops further admissions until a
+     slot frees, so hot adapters cannot keep it out forever;
+  3. order the step's sequences by adapter rank, then adapter, and lay their tokens end to end in
+     one row (1, N): ids, positions, per-sequence bounds; the last token of each sequence that reaches its end emits;
+  4. one forward under a TokenPlan (each adapter's tokens one slice; short slices, i.e. decoding
+     tokens, gathered per rank from slot pools: `lora_path`, see layers/tokens.py) and the KV
+     cache's attention (cache.py), logits only for the emitting tokens (logits_to_keep);
   5. sample per request, detect EOS / stop strings / max_tokens / max_model_len, send the deltas.
 Sequences join and leave at token boundaries; prefill and decode share steps.
 """
@@ -32,9 +37,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import LorakitError
-from ..layers import BASE, TokenPlan, using_row_plan
+from ..layers import BASE, Pools, TokenPlan, using_row_plan
 from .cache import SequenceKV, StepLayout, attention_configs, running
 from .sampling import SamplingParams, TextTracker, next_token
+
+
+LORA_PATHS = {"segments": lambda: None, "ranks": Pools, "padded": lambda: Pools(padded=True)}
 
 
 @dataclass
@@ -50,7 +58,7 @@ class Delta:
 @dataclass
 class Request:
     prompt_ids: list[int]
-    adapter: str  # BASE or an adapter name
+    adapter: str  # BASE or an adapter's served name
     params: SamplingParams
     sink: object  # callable(Delta), called on the engine thread
     rid: int = 0
@@ -59,6 +67,7 @@ class Request:
     cancelled: bool = False
     t_arrival: float = field(default_factory=time.perf_counter)
     t_first: float | None = None
+    slot: str = BASE  # the attached adapter version the forward runs (set when the request starts)
 
     def pending(self) -> list[int]:
         """Tokens not yet in the KV cache."""
@@ -69,9 +78,14 @@ class Engine:
     """Continuous batching over `model`; `registry` (registry.Registry) owns the adapters."""
 
     def __init__(self, model, tokenizer, registry, max_batch_tokens: int = 256, max_running: int = 64,
-                 max_model_len: int | None = None, metrics=None):
+                 max_model_len: int | None = None, metrics=None, max_wait_s: float = 2.0,
+                 lora_path: str = "ranks"):
         self.model, self.tokenizer, self.registry, self.metrics = model, tokenizer, registry, metrics
         self.budget, self.max_running = max(1, max_batch_tokens), max_running
+        self.max_wait_s = max_wait_s
+        if lora_path not in LORA_PATHS:
+            raise LorakitError(f"lora_path {lora_path!r} must be one of {sorted(LORA_PATHS)}")
+        self.pools = LORA_PATHS[lora_path]()  # the slot pools of this engine (None: per-adapter GEMMs only)
         self.max_model_len = max_model_len or getattr(model.config, "max_position_embeddings", None) or 2048
         self.eos = _eos_ids(model, tokenizer)
         self.configs = attention_configs(model)
@@ -89,8 +103,13 @@ class Engine:
         request.rid = next(self._ids)
         request.tracker = TextTracker(self.tokenizer, request.params.stop)
         request.generator = request.params.generator()
+        if request.adapter != BASE:  # its read starts now, off the request path
+            self.registry.prefetch(request.adapter, self.wake)
         self.inbox.put(("add", request))
         return request
+
+    def wake(self) -> None:
+        self.inbox.put(("wake", None))
 
     def cancel(self, request: Request) -> None:
         request.cancelled = True  # read at the next step
@@ -167,17 +186,18 @@ class Engine:
         batch = self._schedule()
         if not batch:
             return False
-        batch.sort(key=lambda entry: entry[0].adapter)  # stable: each adapter's tokens one slice
+        rank = self.registry.rank
+        batch.sort(key=lambda entry: (rank(entry[0].slot), entry[0].slot))  # each adapter's tokens one slice
         ids, positions, names, bounds, emit = [], [], [], [], []
         for req, tokens in batch:
             lo = len(ids)
             ids += tokens
             positions += range(req.kv.length, req.kv.length + len(tokens))
-            names += [req.adapter] * len(tokens)
+            names += [req.slot] * len(tokens)
             bounds.append((lo, len(ids)))
             if req.kv.length + len(tokens) == len(req.prompt_ids) + len(req.out_ids):
                 emit.append((req, len(ids) - 1))
-        plan = TokenPlan(names, [names[i] for _, i in emit])
+        plan = TokenPlan(names, [names[i] for _, i in emit], self.pools)
         layout = StepLayout([req.kv for req, _ in batch], bounds)
         device = next(self.model.parameters()).device
         with torch.inference_mode(), using_row_plan(plan), running(self.configs, layout):
@@ -208,23 +228,40 @@ class Engine:
             if chunk:
                 batch.append((req, chunk))
                 budget -= len(chunk)
-        for req in list(self.waiting):
+        for req in self._admission_order():
             if budget <= 0 or len(self.running) >= self.max_running:
                 break
             try:
-                if req.adapter != BASE and not self.registry.ready(req.adapter, self):
-                    continue  # loading: the others go ahead
-            except LorakitError as e:  # the adapter cannot be loaded: fail its requests, serve the rest
+                slot = BASE if req.adapter == BASE else self.registry.ready(req.adapter, self, self.wake)
+            except LorakitError as e:  # the adapter cannot be served: fail its request, serve the rest
                 self.waiting.remove(req)
                 self._finish(req, "error", str(e))
                 continue
+            if slot is None:
+                if self._starving(req) and self.registry.no_room:
+                    break  # read but every slot busy: admit nobody else until one frees for it
+                continue  # loading: the others go ahead
+            req.slot = slot
             self.waiting.remove(req)
             self.running.append(req)
-            self.registry.touch(req.adapter)
+            self.registry.touch(slot)
             chunk = req.pending()[:budget]
             batch.append((req, chunk))
             budget -= len(chunk)
         return batch
+
+    def _starving(self, req: Request) -> bool:
+        return time.perf_counter() - req.t_arrival > self.max_wait_s
+
+    def _admission_order(self) -> list[Request]:
+        """Starving requests (oldest first), then those whose adapter is resident, then the rest; each
+        group in arrival order (the waiting list is kept in arrival order)."""
+        resident = self.registry.current
+        starving = [r for r in self.waiting if self._starving(r)]
+        rest = [r for r in self.waiting if not self._starving(r)]
+        warm = [r for r in rest if r.adapter == BASE or r.adapter in resident]
+        cold = [r for r in rest if not (r.adapter == BASE or r.adapter in resident)]
+        return starving + warm + cold
 
     def _emit(self, req: Request, token: int) -> None:
         if req.t_first is None:

@@ -5,6 +5,9 @@
     lorakit_queue_depth                                  requests waiting (inbox included)
     lorakit_running_sequences, lorakit_waiting_sequences
     lorakit_resident_adapters                            adapters attached to the model
+    lorakit_resident_adapter_bytes, lorakit_host_cache_bytes   the two memory tiers' adapter bytes
+    lorakit_host_cache_peak_bytes, lorakit_host_cache_capacity_bytes   its high-water mark and budget
+    lorakit_adapter_reads_total, lorakit_adapter_attaches_total   disk reads, attaches to the model
     lorakit_request_latency_seconds{model}               arrival -> finish (histogram)
     lorakit_time_to_first_token_seconds{model}           arrival -> first token (histogram)
     lorakit_engine_steps_total
@@ -44,6 +47,12 @@ class Metrics:
         self.ttft = Histogram("lorakit_time_to_first_token_seconds", "Arrival to first token", ["model"],
                               buckets=BUCKETS, registry=r)
         self.steps = Counter("lorakit_engine_steps", "Engine steps run", registry=r)
+        self.resident_bytes = Gauge("lorakit_resident_adapter_bytes", "Bytes of attached adapters", registry=r)
+        self.host_bytes = Gauge("lorakit_host_cache_bytes", "Bytes of adapters cached in host memory", registry=r)
+        self.host_peak = Gauge("lorakit_host_cache_peak_bytes", "Most bytes the host cache has held", registry=r)
+        self.host_capacity = Gauge("lorakit_host_cache_capacity_bytes", "--host-cache-bytes", registry=r)
+        self.reads = Gauge("lorakit_adapter_reads_total", "Adapter folders read from disk", registry=r)
+        self.attaches = Gauge("lorakit_adapter_attaches_total", "Adapter versions attached", registry=r)
 
     def step(self, engine) -> None:
         running, waiting = engine.depth()
@@ -51,7 +60,14 @@ class Metrics:
         self.running.set(running)
         self.waiting.set(waiting)
         self.queue.set(waiting)
-        self.resident.set(len(engine.registry.resident))
+        reg = engine.registry
+        self.resident.set(len(reg.resident))
+        self.resident_bytes.set(reg.resident_bytes)
+        self.host_bytes.set(reg.host.bytes)
+        self.host_peak.set(reg.host.peak)
+        self.host_capacity.set(reg.host.capacity)
+        self.reads.set(reg.loader.reads)
+        self.attaches.set(reg.attaches)
 
     def finished(self, req, reason: str) -> None:
         model = self.names(req.adapter)

@@ -3,13 +3,18 @@
     build(model, tokenizer, name, adapters=DIR, ...) -> (app, engine)   for an already loaded model
     serve(model="M", adapters="DIR", host=..., port=...)                 what `lorakit serve` runs
 
-uvicorn handles Ctrl-C / SIGTERM: it stops accepting, lets the open requests finish, then the app's
-shutdown drains the engine.
+Ctrl-C / SIGTERM drains: new requests get 503 (in the API's error shape) while the running and
+waiting ones finish, then uvicorn shuts down and the process exits 0. A second signal, or
+`drain_s` seconds, stops at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
+import time
 
 import torch
 
@@ -26,20 +31,30 @@ def _need_extra():
         raise LorakitError(f"lorakit serve needs {e.name}: pip install 'lorakit[serve]'") from None
 
 
-def build(model, tokenizer, name: str, adapters=None, max_loaded: int = 8, api_key: str | None = None,
+def build(model, tokenizer, name: str, adapters=None, max_loaded: int | str = 8, api_key: str | None = None,
           admin_key: str | None = None, max_batch_tokens: int = 256, max_queue: int = 256,
-          max_model_len: int | None = None, start: bool = True):
-    """(FastAPI app, engine) serving `model` under `name` and each adapter folder of `adapters`."""
+          max_model_len: int | None = None, start: bool = True, host_cache_bytes: int | str = "1GiB",
+          rescan_s: float | None = 2.0, max_wait_s: float = 2.0, max_running: int = 64, lora_path: str = "ranks"):
+    """(FastAPI app, engine) serving `model` under `name` and each adapter folder of `adapters`.
+
+    max_loaded: resident adapters, a count (8) or bytes of adapter tensors ("256MB"); host_cache_bytes:
+    the host-memory LRU of read adapters; rescan_s: how often the folder is rescanned (None: never;
+    folders are also looked up when asked for); max_wait_s: the scheduler's bound on preferring
+    resident adapters over a waiting request; lora_path: how decoding tokens of many adapters run
+    ("ranks": gathered per rank from slot pools, "padded": one pool at the largest rank, "segments":
+    per-adapter GEMMs; see docs/benchmarks.md)."""
     _need_extra()
     from .app import Settings, create_app
     from .engine import Engine
     from .metrics import Metrics
-    from .registry import Registry
+    from .registry import Registry, parse_bytes, parse_resident
     model.eval()
-    registry = Registry(model, adapters, name, max_loaded)
+    count, size = parse_resident(max_loaded)
+    registry = Registry(model, adapters, name, count, size, parse_bytes(host_cache_bytes), rescan_s)
     metrics = Metrics(lambda adapter: name if adapter == BASE else adapter)
     engine = Engine(model, tokenizer, registry, max_batch_tokens=max_batch_tokens, max_model_len=max_model_len,
-                    metrics=metrics)
+                    metrics=metrics, max_wait_s=max_wait_s, max_running=max_running,
+                    lora_path=lora_path)
     settings = Settings(name, api_key, admin_key, max_queue, engine.max_model_len)
     app = create_app(engine, settings, metrics)
     if start:
@@ -65,4 +80,42 @@ def serve(model: str, adapters=None, host: str = "127.0.0.1", port: int = 8000, 
     log.info("serving %r and adapters %s on http://%s:%d/v1", model, engine.registry.names(), host, port)
     for folder, why in engine.registry.skipped.items():
         log.warning("not serving %s: %s", folder, why)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+    server = _draining_server(uvicorn, app, engine, host, port)
+    server.run()
+    log.info("stopped")
+
+
+def _draining_server(uvicorn, app, engine, host: str, port: int, drain_s: float = 60.0):
+    """A uvicorn.Server whose Ctrl-C / SIGTERM first drains (see the module doc)."""
+    log = logging.getLogger("lorakit.serve")
+
+    class Draining(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            old = {sig: signal.signal(sig, self.drain) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:  # unlike uvicorn's, the signal is not raised again: a drained server exits 0
+                for sig, handler in old.items():
+                    signal.signal(sig, handler)
+
+        def drain(self, sig, frame) -> None:
+            if app.state.draining:  # the second signal: stop now
+                log.warning("second signal: stopping without waiting")
+                self.should_exit = self.force_exit = True
+                return
+            app.state.draining = True
+            running, waiting = engine.depth()
+            log.info("draining: %d running and %d waiting requests finish, new ones get 503", running, waiting)
+            threading.Thread(target=self._wait, daemon=True, name="lorakit-drain").start()
+
+        def _wait(self) -> None:
+            deadline = time.monotonic() + drain_s
+            while any(engine.depth()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.should_exit = True  # uvicorn then lets the open responses finish sending
+
+    return Draining(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30))
