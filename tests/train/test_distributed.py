@@ -21,7 +21,7 @@ from lorakit.train import load_run, train
 
 from conftest import WORDS
 
-pytestmark = pytest.mark.slow  # each launch starts two interpreters with torch (20-60 s on 2 busy cores)
+slow = pytest.mark.slow  # each launch starts two interpreters with torch (20-60 s on 2 busy cores)
 
 # Runs train() for each [output_dir, resume, overrides...] given, in one process group set up here (so
 # train() uses it and leaves it open); FAULT=1: rank 1 raises in its third forward.
@@ -89,11 +89,26 @@ def test_share_splits_a_global_batch_in_order():
     assert batching.unlabelled(examples[3])["labels"] == [batching.IGNORE_INDEX]
 
 
+def test_resume_at_another_world_size_keeps_the_global_micro_batch(tiny_model_dir, data17):
+    from lorakit.train import rundir
+    two = rundir.run_record(load_run(None, overrides=_overrides(tiny_model_dir, data17, "train.batch_size=4")), 2)
+    one = rundir.run_record(load_run(None, overrides=_overrides(tiny_model_dir, data17, "train.batch_size=8")), 1)
+    assert two["train.global_micro_batch"] == one["train.global_micro_batch"] == 8
+    assert rundir.resume_changes(two, one, "ckpt") == ["train.batch_size: 4 -> 8", "world_size: 2 -> 1"]
+    same_per_process = rundir.run_record(load_run(None, overrides=_overrides(tiny_model_dir, data17,
+                                                                             "train.batch_size=4")), 1)
+    with pytest.raises(LorakitError, match="train.global_micro_batch: 8 in the checkpoint, 4 now"):
+        rundir.resume_changes(two, same_per_process, "ckpt")
+    old = {k: v for k, v in one.items() if k not in ("world_size", "train.global_micro_batch")}
+    assert rundir.resume_changes(old, one, "ckpt") == []  # a record from before: one process
+
+
 def test_fsdp_with_a_quantized_base_is_a_clear_error():
     with pytest.raises(LorakitError, match="train.distributed=fsdp cannot shard a quantized base.*ddp"):
         load_run(None, overrides=["data.train=x.jsonl", "lora.quantize=nf4", "train.distributed=fsdp"])
 
 
+@slow
 def test_two_processes_give_one_process_adapter(tiny_model_dir, data17, tmp_path):
     """batch_size 4 on 2 processes == batch_size 8 on 1, for ddp and fsdp, flat and packed, and ddp with
     gradient checkpointing (non-reentrant: no parameter marked ready twice); 5 steps cross an epoch."""
@@ -121,6 +136,7 @@ def test_two_processes_give_one_process_adapter(tiny_model_dir, data17, tmp_path
     print(f"5 two-process runs in {time.time() - started:.0f} s")
 
 
+@slow
 def test_checkpoint_from_two_processes_resumes_in_one_and_in_two(tiny_model_dir, data17, tmp_path):
     """`torchrun -m lorakit train` (fsdp) stops at step 3; resumed to step 6 in 1 process (batch_size 8)
     and in 2 (batch_size 4) it gives the uninterrupted one-process adapter; eval runs on every rank."""
@@ -153,6 +169,7 @@ def test_checkpoint_from_two_processes_resumes_in_one_and_in_two(tiny_model_dir,
     assert two == pytest.approx(straight.eval_loss, rel=1e-5)  # every rank's share, the sums reduced
 
 
+@slow
 def test_a_rank_that_raises_ends_the_run_naming_it(tiny_model_dir, data17, tmp_path):
     started = time.time()
     done = _worker(tmp_path, [[str(tmp_path / "run"), False, *_overrides(tiny_model_dir, data17, "train.max_steps=8",
