@@ -110,12 +110,13 @@ def test_fsdp_with_a_quantized_base_is_a_clear_error():
 
 @slow
 def test_two_processes_give_one_process_adapter(tiny_model_dir, data17, tmp_path):
-    """batch_size 4 on 2 processes == batch_size 8 on 1, for ddp and fsdp, flat and packed, and ddp with
+    """batch_size 4 on 2 processes == batch_size 8 on 1, for ddp and fsdp, flat and packed, and with
     gradient checkpointing (non-reentrant: no parameter marked ready twice); 5 steps cross an epoch."""
     common = ["train.max_steps=5", "train.batch_size=4", "train.grad_accum=2"]
     cases = {"ddp-flat": ["train.distributed=ddp"], "ddp-packed": ["train.distributed=ddp", "data.pack=true"],
              "fsdp-flat": ["train.distributed=fsdp"], "fsdp-packed": ["train.distributed=fsdp", "data.pack=true"],
-             "ddp-checkpointing": ["train.distributed=ddp", "train.gradient_checkpointing=true"]}
+             "ddp-checkpointing": ["train.distributed=ddp", "train.gradient_checkpointing=true"],
+             "fsdp-checkpointing": ["train.distributed=fsdp", "train.gradient_checkpointing=true"]}
     runs = [[str(tmp_path / name), False, *_overrides(tiny_model_dir, data17, *common, *extra)]
             for name, extra in cases.items()]
     started = time.time()
@@ -133,7 +134,7 @@ def test_two_processes_give_one_process_adapter(tiny_model_dir, data17, tmp_path
     assert max(float(v.abs().max()) for k, v in moved.items() if "lora_B" in k) > 1e-2  # it trained
     rows = [json.loads(x) for x in (tmp_path / "ddp-flat/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]  # rank 0 alone wrote the log
-    print(f"5 two-process runs in {time.time() - started:.0f} s")
+    print(f"{len(cases)} two-process runs in {time.time() - started:.0f} s")
 
 
 @slow

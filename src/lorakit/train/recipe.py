@@ -135,11 +135,7 @@ def _train(cfg: RunConfig, ranks: Ranks, resume: bool, progress: bool, model, to
          + (f"; eval {r.eval_data.stats.summary()}" if r.eval_data else ""))
     _say(progress, f"lorakit: {ranks.describe()}; global batch {t.batch_size * t.grad_accum * ranks.world} = "
                    f"batch_size {t.batch_size} x grad_accum {t.grad_accum} x {ranks.world} process(es)")
-    trackers = open_trackers(t.report_to, out, run, cfg.name, t.log_every, r.total_steps) if main else []
-    logging = LogHook(log, r.total_steps, t.log_every, progress, initial=state.step) if main else None
-    evaluation = _eval_hook(r, log, out, t, trackers) if r.eval_data is not None else None
-    checkpoints = CheckpointHook(out, r.model, r.optimizer, r.scheduler, t.save_every, t.keep_checkpoints, run,
-                                 ranks)
+    logging, evaluation, checkpoints, trackers = _hooks(cfg, r, out, run, log, state, progress)
     micro = loop.micro_batches(r.train_data, t.batch_size, t.seed, state, t.group_by_length,
                                _float_dtype(r.model), r.flat, ranks.share)
     started = time.time()
@@ -178,14 +174,22 @@ def _train(cfg: RunConfig, ranks: Ranks, resume: bool, progress: bool, model, to
                        seconds, state.tokens)
 
 
-def _eval_hook(r: Recipe, log, out: Path, t: TrainSection, trackers) -> EvalHook:
-    """Evaluation on every rank (each its share, the sums reduced); rank 0 logs and saves the best."""
-    measure = save = None
-    if r.ranks.world > 1:
-        measure = lambda: r.ranks.evaluate(r.model, r.eval_data, t.batch_size, r.device)  # noqa: E731
-        save = lambda directory: r.ranks.save_adapter(r.model, directory)  # noqa: E731
-    return EvalHook(r.model, r.eval_data, log, out, t.eval_every, t.batch_size, t.early_stopping_patience, trackers,
-                    measure=measure, save=save)
+def _hooks(cfg: RunConfig, r: Recipe, out: Path, run: dict, log, state: TrainState, progress: bool):
+    """(logbook, evaluation, checkpoints, trackers). Rank 0 alone logs, tracks and shows the bar; every
+    rank evaluates its share (the sums reduced) and takes part in each save (rank 0 writes)."""
+    t, ranks = cfg.train, r.ranks
+    trackers = open_trackers(t.report_to, out, run, cfg.name, t.log_every, r.total_steps) if ranks.main else []
+    logging = LogHook(log, r.total_steps, t.log_every, progress, initial=state.step) if ranks.main else None
+    evaluation = None
+    if r.eval_data is not None:
+        measure = save = None
+        if ranks.world > 1:
+            measure = lambda: ranks.evaluate(r.model, r.eval_data, t.batch_size, r.device)  # noqa: E731
+            save = lambda directory: ranks.save_adapter(r.model, directory)  # noqa: E731
+        evaluation = EvalHook(r.model, r.eval_data, log, out, t.eval_every, t.batch_size, t.early_stopping_patience,
+                              trackers, measure=measure, save=save)
+    checkpoints = CheckpointHook(out, r.model, r.optimizer, r.scheduler, t.save_every, t.keep_checkpoints, run, ranks)
+    return logging, evaluation, checkpoints, trackers
 
 
 def _seed_rank(seed: int, ranks: Ranks, state: TrainState) -> None:
