@@ -117,9 +117,14 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, model=Non
 def _train(cfg: RunConfig, ranks: Ranks, resume: bool, progress: bool, model, tokenizer,
            overwrite: bool) -> TrainResult:
     out, t, main = Path(cfg.output_dir), cfg.train, ranks.main
+    refused = None
     if main:
-        _claim(out, resume, overwrite, progress)
-    ranks.barrier()  # the folder is this run's before any rank reads it
+        try:
+            _claim(out, resume, overwrite, progress)
+        except LorakitError as e:
+            refused = e
+    if ranks.any(refused is not None):  # every rank ends with the reason, none waits on a departed rank 0
+        raise refused or LorakitError(f"rank 0 refused output_dir {out} (its error says why)")
     r = build(cfg, model, tokenizer, ranks)
     run = run_record(cfg, ranks.world)
     state = TrainState()
