@@ -92,6 +92,8 @@ def resume_changes(saved: dict, now: dict, checkpoint: Path) -> list[str]:
         saved = {"world_size": 1, GLOBAL_BATCH: saved.get("train.batch_size"), **saved}
     changed = sorted(k for k in set(saved) | set(now) if _plain(saved.get(k)) != _plain(now.get(k)))
     refused = [k for k in changed if k not in MAY_CHANGE]
+    if GLOBAL_BATCH in refused:  # name what the user changed too: the batch size or the world size
+        refused = sorted(set(refused) | {k for k in ("train.batch_size", "world_size") if k in changed})
     if refused:
         lines = [f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in refused]
         raise LorakitError(f"--resume from {checkpoint}: the run changed in what defines its data or its model:\n  "
