@@ -123,8 +123,10 @@ def _embedding_base_weights(model: nn.Module, state: dict, only_wrapped: bool) -
 
 
 def save_adapter(model: nn.Module, directory: str | Path, name: str = "default",
-                 save_embedding_layers: bool | str = "auto", base_model_name_or_path: str | None = None) -> Path:
-    """Write adapter `name` as adapter_config.json + adapter_model.safetensors (each file atomically)."""
+                 save_embedding_layers: bool | str = "auto", base_model_name_or_path: str | None = None,
+                 tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write adapter `name` as adapter_config.json + adapter_model.safetensors (each file atomically).
+    tensors: the adapter's tensors under PEFT keys when already taken (gathered from a sharded model)."""
     manage._check_name(model, name, must_exist=True)
     directory = Path(directory)
     config = manage.configs(model)[name]
@@ -132,7 +134,8 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str = "default",
         base_model_name_or_path = config.base_model_name_or_path or getattr(
             getattr(model, "config", None), "_name_or_path", None) or None
     config = config.replace(base_model_name_or_path=base_model_name_or_path)
-    tensors = adapter_state_dict(model, name, save_embedding_layers)
+    if tensors is None:
+        tensors = adapter_state_dict(model, name, save_embedding_layers)
     return write_adapter(directory, config, tensors, {"lorakit": json.dumps({"lora_fa": config.lora_fa})})
 
 
@@ -266,15 +269,20 @@ def adapter_devices(model: nn.Module) -> dict[int, torch.device]:
 
 
 def fill(target: torch.Tensor, value: torch.Tensor, devices: dict | None = None) -> None:
-    """Load `value` into the model tensor `target`: a copy in place, or, for a tensor still on the meta device
-    (low_cpu_mem_usage), the value itself on its base layer's device (`devices`) and in the tensor's dtype."""
+    """Load `value` into the model tensor `target`: a copy in place; for a tensor still on the meta device
+    (low_cpu_mem_usage), the value itself on its base layer's device (`devices`) and in the tensor's dtype;
+    for a sharded one (FSDP2's DTensor), its own shard of the value."""
     if target.is_meta:  # a tensor cannot move off the meta device in place: swap in a real one (same object)
         device = (devices or {}).get(id(target), value.device)
         real = value.detach().to(device, target.dtype).clone()
         torch.utils.swap_tensors(target, type(target)(real, requires_grad=target.requires_grad)
                                  if isinstance(target, nn.Parameter) else real)
-    else:
-        target.copy_(value.to(target.dtype))
+        return
+    value = value.to(target.dtype)
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if isinstance(target, DTensor):  # src_data_rank=None: every rank cuts its shard from its own copy
+        value = distribute_tensor(value.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
+    target.copy_(value)
 
 
 def load_target(wanted: dict, params: dict, key: str):

@@ -19,6 +19,7 @@ Errors print one line (`lorakit: error: ...`) and exit 2; no traceback for bad i
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..errors import LorakitError
@@ -43,11 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return VERBS[args.command].run(args)
     except LorakitError as e:
-        print(f"lorakit: error: {e}", file=sys.stderr)
+        print(f"lorakit: error{_rank()}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lorakit: interrupted", file=sys.stderr)
         return 130
+
+
+def _rank() -> str:
+    """" (rank 1 of 2)" in a process torchrun started, so that each error says whose it is."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return f" (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
 
 
 if __name__ == "__main__":

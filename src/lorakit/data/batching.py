@@ -18,7 +18,8 @@ The trainer's default is neither: collate(flat=True) lays a batch's examples (or
 end to end in one unpadded row with their bounds as cu_seq_lens (models/attention.py), so no padding
 and no (T, T) mask is computed.
 
-Public: pack, collate, batches, batch_examples, batch_order, block_causal_mask, to_device, IGNORE_INDEX.
+Public: pack, collate, batches, batch_examples, batch_order, block_causal_mask, to_device, share,
+unlabelled, IGNORE_INDEX.
 """
 
 from __future__ import annotations
@@ -201,3 +202,16 @@ def batch_examples(dataset, batch_size: int, seed: int, epoch: int = 0, start: i
     lengths = [len(example["input_ids"]) for example in dataset]
     for indices in batch_order(lengths, batch_size, seed, epoch, group_by_length)[start:]:
         yield [dataset[i] for i in indices]
+
+
+def share(examples: Sequence[dict], rank: int, world: int) -> list[dict]:
+    """Rank `rank`'s part of a global batch split over `world` processes: contiguous, sizes differing by
+    at most one (a full batch of batch_size × world gives each rank batch_size examples, in order)."""
+    base, extra = divmod(len(examples), world)
+    start = rank * base + min(rank, extra)
+    return list(examples[start:start + base + (rank < extra)])
+
+
+def unlabelled(example: dict) -> dict:
+    """The example with no label anywhere: a forward and backward that add nothing to loss or gradient."""
+    return {**example, "labels": [IGNORE_INDEX] * len(example["labels"])}

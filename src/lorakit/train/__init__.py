@@ -7,6 +7,7 @@
     optim.py    AdamW (fused), LoRA+ parameter groups, warmup + cosine / linear / constant
     state.py    resumable training checkpoints, written atomically
     logbook.py  metrics.jsonl and the loss plot
+    distributed.py  torchrun: DDP over the adapter or FSDP2 over a frozen base, rank 0 writes
 """
 
 from .config import RunConfig, load_run

@@ -77,6 +77,10 @@ class TrainSection:
     log_every: int = 1
     report_to: list = field(default_factory=list)  # any of tensorboard, mlflow, wandb (trackers.py)
     device: str = "auto"
+    # under torchrun (more than one process): ddp (adapter gradients all-reduced) | fsdp (FSDP2: the frozen
+    # base sharded too, for a base that does not fit one device); batch_size is per process
+    distributed: str = "ddp"
+    distributed_timeout: float = 600  # seconds a collective waits for a rank before the run fails
 
 
 @dataclass
@@ -369,6 +373,15 @@ def _value_problems(cfg: RunConfig) -> list[tuple[str, str]]:
     if t.lora_plus_ratio is not None and (not math.isfinite(t.lora_plus_ratio) or t.lora_plus_ratio <= 0):
         p.append(("train.lora_plus_ratio", f"train.lora_plus_ratio must be > 0 (B's learning rate is learning_rate "
                                            f"times it; LoRA+ suggests 16), got {t.lora_plus_ratio!r}"))
+    if t.distributed not in ("ddp", "fsdp"):
+        p.append(("train.distributed", f"train.distributed must be ddp or fsdp (got {t.distributed!r})"))
+    elif t.distributed == "fsdp" and lo.quantize != "none":
+        p.append(("train.distributed", f"train.distributed=fsdp cannot shard a quantized base (lora.quantize="
+                                       f"{lo.quantize}: bitsandbytes weights are not FSDP2 parameters); QLoRA "
+                                       "bases train with train.distributed=ddp"))
+    if not math.isfinite(t.distributed_timeout) or t.distributed_timeout <= 0:
+        p.append(("train.distributed_timeout", f"train.distributed_timeout must be > 0 seconds "
+                                               f"(got {t.distributed_timeout!r})"))
     p += _device_problems(t.device)
     return p
 

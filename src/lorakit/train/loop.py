@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..data import batching
 from ..errors import LorakitError
@@ -56,31 +57,53 @@ class Hook:
 
 
 def micro_batches(dataset, batch_size: int, seed: int, state: TrainState, group_by_length: bool,
-                  mask_dtype: torch.dtype, flat: bool) -> Iterator[tuple[dict, int]]:
+                  mask_dtype: torch.dtype, flat: bool, share: tuple[int, int] = (0, 1)) -> Iterator[tuple[dict, int]]:
     """Endless (micro-batch, real tokens in it) across epochs, from the state's data position (for
     resume); `flat`: one unpadded row per micro-batch (batching.collate(flat=True),
     attention.flat_attention). The tokens are the examples' (or packed rows') lengths: a padded
-    batch of packed rows cannot tell its pad tail from an example by its 4-D mask."""
+    batch of packed rows cannot tell its pad tail from an example by its 4-D mask.
+    share (rank, world): the order is one process's with batch_size × world, and this rank takes its
+    share of each global micro-batch (batching.share; an empty share is one unlabelled example), so the
+    data position counts global micro-batches and means the same at any world size."""
+    rank, world = share
     while True:
-        for examples in batching.batch_examples(dataset, batch_size, seed, state.epoch, state.micro,
+        for examples in batching.batch_examples(dataset, batch_size * world, seed, state.epoch, state.micro,
                                                 group_by_length):
             state.micro += 1
-            yield (batching.collate(examples, dataset.pad_id, mask_dtype, flat),
-                   sum(len(e["input_ids"]) for e in examples))
+            mine = batching.share(examples, rank, world) if world > 1 else examples
+            real = sum(len(e["input_ids"]) for e in mine)
+            yield batching.collate(mine or [batching.unlabelled(examples[0])], dataset.pad_id, mask_dtype, flat), real
         state.epoch, state.micro = state.epoch + 1, 0
+
+
+class OneProcess:
+    """What the loop asks of the processes it runs in, for one process: the model's own loss, local sums,
+    nothing to hold back (train/distributed.py's Ranks answers the same for several)."""
+
+    def loss_sum(self, model: nn.Module, batch: dict):
+        return token_loss_sum(model, batch)
+
+    def sum(self, *values):
+        return values
+
+    def accumulating(self):
+        return contextlib.nullcontext()
 
 
 def run(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, micro: Iterator[tuple[dict, int]], *,
         steps: int, state: TrainState, grad_accum: int = 1, device: torch.device | None = None,
         autocast_dtype: torch.dtype | None = None, max_grad_norm: float = 1.0, lean: bool = True,
-        hooks: list[Hook] = (), stop_requested=lambda: False) -> str:
+        hooks: list[Hook] = (), stop_requested=lambda: False, ranks=None) -> str:
     """Train until state.step == steps; returns why it stopped ("done", a hook's reason, "interrupted").
 
     lean: store activations that backward can rebuild as recipes (recompute.rebuilt_activations; off
     for compiled layers). A step whose loss or gradient norm is not finite is not applied: the loop
     raises NonFiniteLoss with the model, optimizer, data position and RNG as they were after the
     previous step, so a checkpoint taken then is that step's.
+    ranks: the processes of the run (OneProcess() by default; distributed.Ranks under torchrun): the loss
+    is normalised by the labelled tokens of all of them, and stop_requested must agree across them.
     """
+    ranks = ranks or OneProcess()
     device = device or next(model.parameters()).device
     model.train()
     while state.step < steps:
@@ -88,7 +111,7 @@ def run(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, micro: It
         before = (state.epoch, state.micro, torch.get_rng_state(), random.getstate(),
                   torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
         # -- forward and backward over the micro-batches -------------------------------------------------
-        loss, tokens = accumulate(model, micro, grad_accum, device, autocast_dtype, lean)
+        loss, tokens = accumulate(model, micro, grad_accum, device, autocast_dtype, lean, ranks)
         grad_norm = clip(model, max_grad_norm)
         # -- the guard: a non-finite loss or gradient is never applied -----------------------------------
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -119,29 +142,41 @@ def _stop(hooks, state: TrainState, reason: str) -> str:
     return reason
 
 
-def accumulate(model: nn.Module, micro, grad_accum: int, device, autocast_dtype, lean: bool = True) -> tuple[float, int]:
-    """Forward/backward over grad_accum micro-batches; every loss token weighs the same. Returns (mean loss
-    per labelled token, real tokens)."""
+def accumulate(model: nn.Module, micro, grad_accum: int, device, autocast_dtype, lean: bool = True,
+               ranks=None) -> tuple[float, int]:
+    """Forward/backward over grad_accum micro-batches; every loss token weighs the same, over all ranks:
+    each rank divides its loss sum by the global count of labelled tokens (the engine then sums the
+    gradients). Returns (mean loss per labelled token, real tokens), both over all ranks."""
+    ranks = ranks or OneProcess()
     batches, tokens = [], 0
     for batch, n_tokens in (next(micro) for _ in range(grad_accum)):
         batches.append(batching.to_device(batch, device))
         tokens += n_tokens
     n_total = sum(int((b["labels"][:, 1:] != batching.IGNORE_INDEX).sum()) for b in batches)
+    n_total, tokens = (int(x) for x in ranks.sum(n_total, tokens))
     loss_total = 0.0
-    for batch in batches:
+    for i, batch in enumerate(batches):
         # a flat batch's attention holds over backward too: checkpointed layers run forward again there
-        with attention.for_batch(model, batch):
+        with (ranks.accumulating() if i < len(batches) - 1 else contextlib.nullcontext()), \
+                attention.for_batch(model, batch):
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None), \
                     (recompute.rebuilt_activations() if lean else contextlib.nullcontext()):
-                loss_sum, _ = token_loss_sum(model, batch)
+                loss_sum, _ = ranks.loss_sum(model, batch)
             (loss_sum / max(n_total, 1)).backward()
         loss_total += float(loss_sum.detach())
+    (loss_total,) = ranks.sum(loss_total)
     return loss_total / max(n_total, 1), tokens
 
 
 def clip(model: nn.Module, max_norm: float) -> float:
-    """Clip the trainable gradients to max_norm (0: no clipping); returns their norm before clipping."""
+    """Clip the trainable gradients to max_norm (0: no clipping); returns their norm before clipping.
+    Sharded gradients (FSDP2's DTensors): the norm is the full gradient's, the same on every rank."""
     params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+    if params and isinstance(params[0].grad, DTensor):
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # a DTensor, as its grads
+        if max_norm:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return float(norm.full_tensor())
     if not max_norm:
         return float(torch.norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm))

@@ -18,7 +18,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ from ..errors import LorakitError
 from ..models import attention
 from . import loop, rundir
 from .config import RunConfig, TrainSection, lora_config
+from .distributed import Ranks, start
 from .hooks import CheckpointHook, EvalHook, LogHook
 from .logbook import MetricsLog, plot_curves
 from .optim import build_optimizer, build_scheduler
@@ -64,12 +65,17 @@ class Recipe:
     autocast_dtype: torch.dtype | None
     total_steps: int
     flat: bool  # flat batches (models/attention.py) for this model
+    ranks: Ranks = field(default_factory=Ranks)  # the run's processes and their engine (one: no engine)
 
 
-def build(cfg: RunConfig, model=None, tokenizer=None) -> Recipe:
-    """Everything the run trains with; `model`/`tokenizer` given: used instead of loading cfg.model."""
+def build(cfg: RunConfig, model=None, tokenizer=None, ranks: Ranks | None = None) -> Recipe:
+    """Everything the run trains with; `model`/`tokenizer` given: used instead of loading cfg.model.
+    ranks (distributed.start): the model goes on this rank's device, inside DDP or FSDP2, and the
+    optimizer is built over what the engine left (FSDP2: the shards)."""
     t = cfg.train
+    ranks = ranks or Ranks()
     device, autocast_dtype = device_and_precision(t)
+    device = ranks.device(device)
     seed_everything(t.seed)
     if model is None:
         from ..models.load import load_model
@@ -83,14 +89,15 @@ def build(cfg: RunConfig, model=None, tokenizer=None) -> Recipe:
     if t.compile:
         from ..models.speed import compile_layers
         compile_layers(model)
+    ranks.wrap(model, _shard_dtype(model, device, autocast_dtype))
     train_ds, eval_ds = datasets(cfg, tokenizer)
-    micro_per_epoch = math.ceil(len(train_ds) / t.batch_size)
+    micro_per_epoch = math.ceil(len(train_ds) / (t.batch_size * ranks.world))  # global micro-batches
     total_steps = t.max_steps or max(1, math.ceil((t.epochs or 1) * micro_per_epoch / t.grad_accum))
     optimizer = build_optimizer(model, t.learning_rate, t.weight_decay, t.lora_plus_ratio, t.optimizer)
     scheduler = build_scheduler(optimizer, t.warmup_steps, total_steps, t.schedule)
     flat = t.flat_batches and attention.supports(model)
     return Recipe(model, tokenizer, train_ds, eval_ds, optimizer, scheduler, device, autocast_dtype,
-                  total_steps, flat)
+                  total_steps, flat, ranks)
 
 
 def train(cfg: RunConfig, resume: bool = False, progress: bool = True, model=None, tokenizer=None,
@@ -99,27 +106,45 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, model=Non
 
     resume: continue from the latest complete checkpoint in output_dir. Otherwise output_dir must not
     hold another run, unless overwrite, which first moves that run aside (output_dir.previous-<time>).
+    Under torchrun every process calls this; rank 0 alone writes files, logs and the progress bar.
     """
-    out = Path(cfg.output_dir)
-    _claim(out, resume, overwrite, progress)
     t = cfg.train
-    r = build(cfg, model, tokenizer)
-    run = run_record(cfg)
+    ranks = start(t.distributed, t.distributed_timeout, device_and_precision(t)[0])
+    try:
+        return _train(cfg, ranks, resume, progress and ranks.main, model, tokenizer, overwrite)
+    finally:
+        ranks.close()
+
+
+def _train(cfg: RunConfig, ranks: Ranks, resume: bool, progress: bool, model, tokenizer,
+           overwrite: bool) -> TrainResult:
+    out, t, main = Path(cfg.output_dir), cfg.train, ranks.main
+    refused = None
+    if main:
+        try:
+            _claim(out, resume, overwrite, progress)
+        except LorakitError as e:
+            refused = e
+    if ranks.any(refused is not None):  # every rank ends with the reason, none waits on a departed rank 0
+        raise refused or LorakitError(f"rank 0 refused output_dir {out} (its error says why)")
+    r = build(cfg, model, tokenizer, ranks)
+    run = run_record(cfg, ranks.world)
     state = TrainState()
     if resume:
         state = _resume(out, r, run, progress)
-    cfg.save(out / "run.yaml")
-    log = MetricsLog(out / "metrics.jsonl", truncate_after_step=state.step if resume else None)
+    _seed_rank(t.seed, ranks, state)
+    log = None
+    if main:
+        cfg.save(out / "run.yaml")
+        log = MetricsLog(out / "metrics.jsonl", truncate_after_step=state.step if resume else None)
     _say(progress, f"lorakit: {manage.trainable_report(r.model)}")
     _say(progress, f"lorakit: train {r.train_data.stats.summary()}"
          + (f"; eval {r.eval_data.stats.summary()}" if r.eval_data else ""))
-    trackers = open_trackers(t.report_to, out, run, cfg.name, t.log_every, r.total_steps)
-    logging = LogHook(log, r.total_steps, t.log_every, progress, initial=state.step)
-    evaluation = EvalHook(r.model, r.eval_data, log, out, t.eval_every, t.batch_size,
-                          t.early_stopping_patience, trackers) if r.eval_data is not None else None
-    checkpoints = CheckpointHook(out, r.model, r.optimizer, r.scheduler, t.save_every, t.keep_checkpoints, run)
+    _say(progress, f"lorakit: {ranks.describe()}; global batch {t.batch_size * t.grad_accum * ranks.world} = "
+                   f"batch_size {t.batch_size} x grad_accum {t.grad_accum} x {ranks.world} process(es)")
+    logging, evaluation, checkpoints, trackers = _hooks(cfg, r, out, run, log, state, progress)
     micro = loop.micro_batches(r.train_data, t.batch_size, t.seed, state, t.group_by_length,
-                               _float_dtype(r.model), r.flat)
+                               _float_dtype(r.model), r.flat, ranks.share)
     started = time.time()
     try:
         with loop.Signals() as signals:
@@ -127,7 +152,8 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, model=Non
                                grad_accum=t.grad_accum, device=r.device, autocast_dtype=r.autocast_dtype,
                                max_grad_norm=t.max_grad_norm, lean=not t.compile,
                                hooks=[h for h in (logging, evaluation, checkpoints, *trackers) if h is not None],
-                               stop_requested=lambda: signals.requested)
+                               stop_requested=lambda: ranks.any(signals.requested),
+                               ranks=ranks if ranks.world > 1 else None)  # one: the loop's own path
     except loop.NonFiniteLoss as e:
         _close(trackers)
         raise _stopped_non_finite(e, out, r, state, checkpoints, t.learning_rate) from None
@@ -135,20 +161,50 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, model=Non
         _close(trackers)
         raise
     finally:
-        logging.close()
+        if logging is not None:
+            logging.close()
     # -- finish: the adapter first, so that nothing trained is lost if the final evaluation is cut short ---
-    files.save_adapter(r.model, out)
+    ranks.save_adapter(r.model, out)
     eval_loss = evaluation.last if evaluation is not None else None
     try:
         if evaluation is not None and stopped != "interrupted" and (not t.eval_every or state.step % t.eval_every):
             eval_loss = evaluation.evaluate(state)
     finally:
         _close(trackers)
-    log.close()
-    _finish(cfg, out, use_best=evaluation is not None and stopped != "interrupted")
+    if main:
+        log.close()
+        _finish(cfg, out, use_best=evaluation is not None and stopped != "interrupted")
+    ranks.barrier()
     seconds = time.time() - started
     _say(progress, f"lorakit: {stopped} after {state.step} steps in {seconds:.0f} s; adapter in {out}")
-    return TrainResult(out, state.step, stopped, logging.last_loss, eval_loss, seconds, state.tokens)
+    return TrainResult(out, state.step, stopped, logging.last_loss if logging else float("nan"), eval_loss,
+                       seconds, state.tokens)
+
+
+def _hooks(cfg: RunConfig, r: Recipe, out: Path, run: dict, log, state: TrainState, progress: bool):
+    """(logbook, evaluation, checkpoints, trackers). Rank 0 alone logs, tracks and shows the bar; every
+    rank evaluates its share (the sums reduced) and takes part in each save (rank 0 writes)."""
+    t, ranks = cfg.train, r.ranks
+    trackers = open_trackers(t.report_to, out, run, cfg.name, t.log_every, r.total_steps) if ranks.main else []
+    logging = LogHook(log, r.total_steps, t.log_every, progress, initial=state.step) if ranks.main else None
+    evaluation = None
+    if r.eval_data is not None:
+        measure = save = None
+        if ranks.world > 1:
+            measure = lambda: ranks.evaluate(r.model, r.eval_data, t.batch_size, r.device)  # noqa: E731
+            save = lambda directory: ranks.save_adapter(r.model, directory)  # noqa: E731
+        evaluation = EvalHook(r.model, r.eval_data, log, out, t.eval_every, t.batch_size, t.early_stopping_patience,
+                              trackers, measure=measure, save=save)
+    checkpoints = CheckpointHook(out, r.model, r.optimizer, r.scheduler, t.save_every, t.keep_checkpoints, run, ranks)
+    return logging, evaluation, checkpoints, trackers
+
+
+def _seed_rank(seed: int, ranks: Ranks, state: TrainState) -> None:
+    """Ranks other than 0 draw their own random numbers (dropout) from here on; rank 0 keeps the stream a
+    single process would have (so one process stays bit-identical to before)."""
+    if ranks.rank > 0:
+        torch.manual_seed(seed * 1_000_003 + ranks.rank * 10_007 + state.step)
+        random.seed(f"lorakit:{seed}:{ranks.rank}:{state.step}")
 
 
 def _close(trackers) -> None:
@@ -200,7 +256,7 @@ def _stopped_non_finite(e: loop.NonFiniteLoss, out: Path, r: Recipe, state: Trai
                         checkpoints: CheckpointHook, lr: float) -> loop.NonFiniteLoss:
     """Save the last good state (the loop did not apply the bad step) and say how to go on."""
     path = checkpoints.save(state)
-    files.save_adapter(r.model, out)
+    r.ranks.save_adapter(r.model, out)
     return loop.NonFiniteLoss(f"{e}. Training stopped; the last good state (step {state.step}) is saved: "
                               f"checkpoint {path} (latest) and the adapter in {out}; lower train.learning_rate "
                               f"(now {lr}) or set train.max_grad_norm, then --resume")
@@ -255,6 +311,14 @@ def datasets(cfg: RunConfig, tokenizer) -> tuple[TokenizedDataset, TokenizedData
     train_ds = prepare(train_records, pack=d.pack, **prep)
     eval_ds = prepare(eval_records, pack=False, **prep) if eval_records else None
     return train_ds, eval_ds
+
+
+def _shard_dtype(model, device: torch.device, autocast_dtype: torch.dtype | None) -> torch.dtype | None:
+    """FSDP2's compute dtype on CUDA (its all-gathers in the autocast dtype; the fp32 adapter masters
+    stay sharded in fp32); None on CPU, where everything is fp32."""
+    if device.type != "cuda":
+        return None
+    return autocast_dtype or _float_dtype(model)
 
 
 def _float_dtype(model) -> torch.dtype:

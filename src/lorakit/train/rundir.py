@@ -27,8 +27,12 @@ MAY_CHANGE = {"name", "output_dir", "train.max_steps", "train.epochs", "train.le
               "train.max_grad_norm", "train.warmup_steps", "train.schedule", "train.lora_plus_ratio",
               "train.eval_every", "train.early_stopping_patience", "train.save_every", "train.keep_checkpoints",
               "train.log_every", "train.report_to", "train.device", "train.precision", "train.compile", "train.gradient_checkpointing",
-              "train.flat_batches", "model_kwargs.device_map", "model_kwargs.max_memory",
-              "model_kwargs.offload_folder", "model_kwargs.attn_implementation"}  # placement: same numbers
+              "train.flat_batches", "train.distributed", "train.distributed_timeout", "train.batch_size", "world_size",
+              "model_kwargs.device_map", "model_kwargs.max_memory",  # placement: the same numbers
+              "model_kwargs.offload_folder", "model_kwargs.attn_implementation"}
+# train.batch_size is per process and may change with the world size, as long as their product, the
+# global micro-batch that fixes the data order (and is not in MAY_CHANGE), stays the same.
+GLOBAL_BATCH = "train.global_micro_batch"  # train.batch_size x world_size
 
 
 def claim(out: Path, resume: bool, overwrite: bool) -> Path | None:
@@ -66,8 +70,9 @@ def fingerprint(path: str | None) -> str | None:
     return digest.hexdigest()
 
 
-def run_record(cfg: RunConfig) -> dict:
-    """The flattened config ("train.batch_size": 8, ...) and the data files' fingerprints."""
+def run_record(cfg: RunConfig, world_size: int = 1) -> dict:
+    """The flattened config ("train.batch_size": 8, ...), the world size and the global micro-batch,
+    and the data files' fingerprints."""
     flat = {}
     for key, value in cfg.to_dict().items():
         if isinstance(value, dict):
@@ -76,6 +81,8 @@ def run_record(cfg: RunConfig) -> dict:
             flat[key] = value
     flat["data.train.sha256"] = fingerprint(cfg.data.train)
     flat["data.eval.sha256"] = fingerprint(cfg.data.eval)
+    flat["world_size"] = world_size
+    flat[GLOBAL_BATCH] = cfg.train.batch_size * world_size
     return flat
 
 
@@ -83,8 +90,12 @@ def resume_changes(saved: dict, now: dict, checkpoint: Path) -> list[str]:
     """The keys that changed and may ("train.learning_rate: 0.0002 -> 5e-05"); raises if any other did."""
     if not saved:  # a checkpoint from before run records: nothing to compare
         return []
+    if GLOBAL_BATCH not in saved:  # a record from before distributed training: one process
+        saved = {"world_size": 1, GLOBAL_BATCH: saved.get("train.batch_size"), **saved}
     changed = sorted(k for k in set(saved) | set(now) if _plain(saved.get(k)) != _plain(now.get(k)))
     refused = [k for k in changed if k not in MAY_CHANGE]
+    if GLOBAL_BATCH in refused:  # name what the user changed too: the batch size or the world size
+        refused = sorted(set(refused) | {k for k in ("train.batch_size", "world_size") if k in changed})
     if refused:
         lines = [f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in refused]
         raise LorakitError(f"--resume from {checkpoint}: the run changed in what defines its data or its model:\n  "

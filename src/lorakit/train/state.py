@@ -57,8 +57,10 @@ def is_complete(path: Path) -> bool:
 
 
 def save_training_checkpoint(out: Path, state: TrainState, model, optimizer, scheduler, run: dict | None = None,
-                             keep: int = 2) -> Path:
-    """Write the checkpoint of `state` (step-NNNNNN), point `latest` at it, prune older ones to `keep`."""
+                             keep: int = 2, tensors: dict | None = None, optimizer_state: dict | None = None) -> Path:
+    """Write the checkpoint of `state` (step-NNNNNN), point `latest` at it, prune older ones to `keep`.
+    tensors / optimizer_state: the adapter's tensors and the optimizer's state dict when already taken
+    (full tensors gathered from a sharded model: distributed.Ranks); else read from model and optimizer."""
     root = checkpoints_dir(out)
     root.mkdir(parents=True, exist_ok=True)
     for leftover in root.glob(".step-*"):  # temporary folders of saves that were killed
@@ -66,10 +68,10 @@ def save_training_checkpoint(out: Path, state: TrainState, model, optimizer, sch
     name = f"step-{state.step:06d}"
     final = root / name
     if not is_complete(final):
-        _refuse_non_finite(model, state.step)
+        _refuse_non_finite(model, state.step, tensors)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
         try:
-            _write(tmp, state, model, optimizer, scheduler, run)
+            _write(tmp, state, model, optimizer, scheduler, run, tensors, optimizer_state)
             if final.exists():  # a partial folder (a half-finished delete): not a checkpoint
                 shutil.rmtree(final)
             os.rename(tmp, final)
@@ -81,9 +83,10 @@ def save_training_checkpoint(out: Path, state: TrainState, model, optimizer, sch
     return final
 
 
-def _write(tmp: Path, state: TrainState, model, optimizer, scheduler, run: dict | None) -> None:
-    files.save_adapter(model, tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+def _write(tmp: Path, state: TrainState, model, optimizer, scheduler, run: dict | None, tensors: dict | None,
+           optimizer_state: dict | None) -> None:
+    files.save_adapter(model, tmp, tensors=tensors)
+    torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -95,8 +98,11 @@ def _write(tmp: Path, state: TrainState, model, optimizer, scheduler, run: dict 
             os.fsync(f.fileno())
 
 
-def _refuse_non_finite(model, step: int) -> None:
-    bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+def _refuse_non_finite(model, step: int, tensors: dict | None = None) -> None:
+    if tensors is not None:
+        bad = files.non_finite(tensors)
+    else:
+        bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
     if bad:
         raise LorakitError(f"not saving step {step}: adapter tensors hold NaN/Inf ({bad[:3]}); the previous "
                            "checkpoint stays the latest")
@@ -132,7 +138,7 @@ def load_training_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[T
     try:
         state = TrainState(**json.loads((path / "trainer_state.json").read_text()))
         files.load_weights(model, path)
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        optimizer.load_state_dict(_fit(torch.load(path / "optimizer.pt", weights_only=True), optimizer))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         rng = torch.load(path / "rng.pt", weights_only=True)
         run = json.loads((path / "run.json").read_text()) if (path / "run.json").is_file() else {}
@@ -144,6 +150,20 @@ def load_training_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[T
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return state, run
+
+
+def _fit(saved: dict, optimizer) -> dict:
+    """A saved optimizer state (full tensors, any world size) laid out as the optimizer's parameters are:
+    a sharded parameter (FSDP2's DTensor) takes its shard of each of its state tensors."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, entry in saved.get("state", {}).items():
+        p = params[int(i)] if int(i) < len(params) else None
+        if isinstance(p, DTensor):
+            saved["state"][i] = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                                 if torch.is_tensor(v) and tuple(v.shape) == tuple(p.shape) else v
+                                 for k, v in entry.items()}
+    return saved
 
 
 def _as_tuple(x):
