@@ -31,7 +31,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def adapted(model, seed=0, std=0.02, **kw):
-    """A rsLoRA adapter with a rank pattern, B drawn as after training (B=0 would test nothing)."""
+    """A rsLoRA adapter with a rank pattern, B drawn as after training (B=0 would test nothing). A's Kaiming
+    init draws from the global RNG: seeded here, so the adapter does not depend on which tests ran before."""
+    torch.manual_seed(seed)
     lorakit.add_adapter(model, lorakit.LoraConfig(target_modules=TARGETS, **kw))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
