@@ -25,7 +25,8 @@ demo: $(STAMP)
 	$(BIN)/lorakit demo
 
 # `make test`: every test but the slow ones (about 5 minutes on 2 cores); `make test-slow`: those (the real
-# default model, fault-injection loops, llama.cpp, torch.compile, fuzzing; about 8 minutes). CI runs both.
+# default model, fault-injection loops, llama.cpp, torch.compile, fuzzing, the browser page, torchrun;
+# about 10 minutes). CI runs both.
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -m "not slow"
 
