@@ -52,9 +52,17 @@ def flat_attention(model):
     cu_seq_lens_q). Hold it over forward AND backward: gradient checkpointing re-runs the forward
     during backward and reads the implementation again. A model already on a flash-attention
     implementation keeps it (it reads the same kwargs)."""
-    saved = [(c, c._attn_implementation) for c in _configs(model) if c._attn_implementation not in _NATIVE_VARLEN]
+    with switched([c for c in _configs(model) if c._attn_implementation not in _NATIVE_VARLEN], NAME):
+        yield
+
+
+@contextlib.contextmanager
+def switched(configs: list, name: str):
+    """Within: every config in `configs` runs attention implementation `name` (a registered
+    AttentionInterface); each config's own value comes back after, even on an exception."""
+    saved = [(c, c._attn_implementation_internal) for c in configs]
     for config, _ in saved:
-        config._attn_implementation_internal = NAME  # the plain field: the setter would validate NAME
+        config._attn_implementation_internal = name  # the plain field: the setter would validate `name`
     try:
         yield
     finally:

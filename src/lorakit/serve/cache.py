@@ -24,6 +24,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..errors import LorakitError
+from ..models.attention import switched
 
 NAME = "lorakit_serve"
 _STEP: contextvars.ContextVar = contextvars.ContextVar("lorakit_serve_step", default=None)
@@ -79,15 +80,11 @@ def attention_configs(model) -> list:
 def running(configs: list, layout: StepLayout):
     """Within: attention under `configs` (attention_configs(model)) is this file's, reading `layout`
     (switched for the block only, so the same model still runs plain `generate` outside it)."""
-    saved = [(c, c._attn_implementation_internal) for c in configs]
     token = _STEP.set(layout)
-    for config, _ in saved:
-        config._attn_implementation_internal = NAME  # the plain field: the setter would validate NAME
     try:
-        yield
+        with switched(configs, NAME):
+            yield
     finally:
-        for config, implementation in saved:
-            config._attn_implementation_internal = implementation
         _STEP.reset(token)
 
 
