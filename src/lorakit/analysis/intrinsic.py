@@ -40,6 +40,7 @@ from ..train.optim import build_scheduler
 from ..train.recipe import device_and_precision, seed_everything, train
 from ..train.rundir import run_record
 from ..train.state import TrainState
+from . import figure
 from .projection import Projection
 
 METRICS = {"exact_match": True, "eval_loss": False}  # name -> higher is better
@@ -229,9 +230,7 @@ def _finish(summary: dict, out: Path, metric: str) -> dict:
 
 def plot(result: dict, png: Path) -> Path:
     """The metric against d (log x); the base, the reference and the 90% level as lines; d90 marked."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = figure.pyplot(png)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     ds, vs = [p["d"] for p in result["points"]], [p["value"] for p in result["points"]]
     ax.plot(ds, vs, "o-", label="subspace θ0 + P·θd")
@@ -246,10 +245,7 @@ def plot(result: dict, png: Path) -> Path:
     ax.set_ylabel(result["metric"])
     ax.set_title("intrinsic dimension")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
-    return png
+    return figure.save(fig, png)
 
 
 def _say(enabled: bool, text: str) -> None:

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from ..adapters.files import PREFIX, parse_factor_key, read_adapter, refuse_non_finite
-from ..errors import LorakitError
 from ..config import LoraConfig
+from . import figure
 
 
 def singular_values(A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
@@ -73,12 +73,7 @@ def format_report(report: dict) -> str:
 
 def plot_report(report: dict, png: str | Path) -> Path:
     """Bar chart of ||ΔW|| per module, coloured by effective rank."""
-    if not Path(png).parent.is_dir():
-        raise LorakitError(f"cannot write the plot {png}: folder {Path(png).parent} does not exist; create it or "
-                           "give another path")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = figure.pyplot(png)
     rows = report["modules"]
     fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.12), 4), dpi=110)
     ranks = [r["effective_rank"] for r in rows]
@@ -90,10 +85,7 @@ def plot_report(report: dict, png: str | Path) -> Path:
     ax.set_title("adapter update norm per module (colour: effective rank)")
     sm = plt.cm.ScalarMappable(cmap="viridis", norm=plt.Normalize(0, top))
     fig.colorbar(sm, ax=ax, label="effective rank")
-    fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
-    return Path(png)
+    return figure.save(fig, png)
 
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LorakitError
+from . import figure
 from .report import adapter_factors
 
 
@@ -84,12 +85,7 @@ def format_comparison(result: dict) -> str:
 
 def plot_comparison(result: dict, png: str | Path) -> Path:
     """Heat map of the mean φ(i, j) over modules."""
-    if not Path(png).parent.is_dir():
-        raise LorakitError(f"cannot write the plot {png}: folder {Path(png).parent} does not exist; create it or "
-                           "give another path")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = figure.pyplot(png)
     grid = mean_grid(result).numpy()
     fig, ax = plt.subplots(figsize=(5, 4), dpi=110)
     image = ax.imshow(grid, origin="lower", vmin=0, vmax=1, cmap="viridis", aspect="auto",
@@ -98,7 +94,4 @@ def plot_comparison(result: dict, png: str | Path) -> Path:
     ax.set_xlabel(f"j (top directions of {Path(result['second']).name})")
     ax.set_ylabel(f"i (top directions of {Path(result['first']).name})")
     ax.set_title(f"subspace similarity, mean over {len(result['modules'])} modules", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
-    return Path(png)
+    return figure.save(fig, png)

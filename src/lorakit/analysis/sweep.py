@@ -28,6 +28,7 @@ from ..data import load_records
 from ..errors import LorakitError
 from ..train import load_run, train
 from ..train.state import latest_checkpoint
+from . import figure
 
 
 def split_values(text: str) -> list[str]:
@@ -140,9 +141,7 @@ def format_table(summary: dict) -> str:
 
 def plot(summary: dict, png: Path) -> Path:
     """The eval metric against trainable parameters (log x) and against wall time, one dot per point."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = figure.pyplot(png)
     key = "exact_match" if summary["metric"] == "exact_match" else "eval_loss"
     rows = [r for r in summary["points"] if r.get(key) is not None]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), dpi=110)
@@ -154,10 +153,7 @@ def plot(summary: dict, png: Path) -> Path:
         ax.set_ylabel(key)
     axes[0].set_xscale("log")
     fig.suptitle("lorakit sweep", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
-    return png
+    return figure.save(fig, png)
 
 
 def _say(enabled: bool, text: str) -> None:
