@@ -5,7 +5,7 @@ dense update ΔW = scaling · B @ A, shape (out, in). Adapters may differ in r a
 (alpha/r, or alpha/sqrt(r) with rsLoRA); the caller computes the scaling. Nothing here
 knows about models or nn.Module: callers loop over modules and write the result back.
 
-What lives here:
+What lives here (Factors, delta and negate come from factors.py, the checks from checks.py):
   delta(f)                 the dense ΔW of one adapter
   negate(f)                exact negation (B flipped)
   combine(factors, ...)    weighted combination of adapters on one module -> (Factors, info)
@@ -35,171 +35,19 @@ values evenly: B = sign(t) · U · sqrt(S/|t|), A = sqrt(S/|t|) · Vh, so ‖B[:
 """
 
 import math
-from numbers import Real
-from typing import NamedTuple
 
 import torch
 
 from lorakit.errors import LorakitError
 
-_CANONICAL = ("cat", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
-_ALIASES = {
-    "svd": "linear",
-    "dare": "dare_linear",
-    "ties_svd": "ties",
-    "dare_linear_svd": "dare_linear",
-    "dare_ties_svd": "dare_ties",
-    "magnitude_prune_svd": "magnitude_prune",
-}
-_NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
-_MAJORITY_SIGNS = ("total", "frequency")
+from .checks import canonical, delta_problems, describe, factor_problems, generator_problems, option_problems
+from .factors import Factors, delta, negate
+
+__all__ = ["Factors", "delta", "negate", "canonical", "option_problems", "combine", "combine_dense", "truncate",
+           "dora_effective_delta", "combine_dora"]
+
 # Dense SVDs at most this many entries run in float64 (1024 x 1024 takes well under a second).
 _FLOAT64_SVD_MAX_NUMEL = 1 << 20
-
-
-class Factors(NamedTuple):
-    """One LoRA adapter on one module: ΔW = scaling · B @ A."""
-
-    A: torch.Tensor  # (r, in)
-    B: torch.Tensor  # (out, r)
-    scaling: float
-
-
-def delta(f: Factors) -> torch.Tensor:
-    """The dense update scaling · B @ A, shape (out, in), in the factors' dtype."""
-    return f.scaling * (f.B @ f.A)
-
-
-def negate(f: Factors) -> Factors:
-    """The exact negation: ΔW becomes -ΔW (B flipped, A and scaling kept)."""
-    return Factors(f.A, -f.B, f.scaling)
-
-
-# ---------------------------------------------------------------- validation
-
-
-def canonical(method) -> str | None:
-    if not isinstance(method, str):
-        return None
-    if method in _CANONICAL:
-        return method
-    return _ALIASES.get(method)
-
-
-def option_problems(method, n, weights, rank, density, majority_sign, target_scaling, generator):
-    """Problems with the options shared by combine and combine_dense (a list of messages)."""
-    problems = []
-    canon = canonical(method)
-    if canon is None:
-        valid = ", ".join(list(_CANONICAL) + list(_ALIASES))
-        problems.append(f"unknown method {method!r}: use one of {valid}")
-    if not isinstance(weights, (list, tuple)):
-        problems.append(f"weights is a {type(weights).__name__}: give a list of floats, one per adapter")
-    elif len(weights) != n:
-        problems.append(f"weights has {len(weights)} entries but there are {n} adapters: give one weight per adapter")
-    else:
-        for i, w in enumerate(weights):
-            if isinstance(w, bool) or not isinstance(w, Real) or not math.isfinite(w):
-                problems.append(f"weights[{i}] = {w!r} is not a finite number: give a float such as 1.0 or -1.0")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        problems.append(f"rank = {rank!r}: give an integer >= 1, or None for the default")
-    if canon in _NEEDS_DENSITY:
-        if density is None:
-            problems.append(f"method {method!r} needs density, the fraction of entries kept: give one in (0, 1]")
-    elif density is not None and canon is not None:
-        problems.append(
-            f"density = {density!r} has no effect with method {method!r}: drop it, or use "
-            "'ties', 'dare_linear', 'dare_ties' or 'magnitude_prune'"
-        )
-    if density is not None and (
-        isinstance(density, bool) or not isinstance(density, Real) or not 0 < density <= 1
-    ):
-        problems.append(f"density = {density!r} is outside (0, 1]: give the fraction of entries to keep, e.g. 0.5")
-    if majority_sign not in _MAJORITY_SIGNS:
-        problems.append(f"majority_sign = {majority_sign!r}: use 'total' or 'frequency'")
-    if isinstance(target_scaling, bool) or not isinstance(target_scaling, Real) or not math.isfinite(
-        target_scaling
-    ) or target_scaling == 0:
-        problems.append(
-            f"target_scaling = {target_scaling!r}: give the new adapter's nonzero scaling (alpha/r, or alpha/sqrt(r))"
-        )
-    if generator is not None and not isinstance(generator, torch.Generator):
-        problems.append(f"generator is a {type(generator).__name__}: pass a torch.Generator or None")
-    return problems
-
-
-def _check_factors(factors) -> list[str]:
-    """Problems with the adapters: each well formed, all on the same module shape."""
-    if not isinstance(factors, (list, tuple)) or len(factors) == 0:
-        return ["factors is empty: pass a list with at least one Factors(A, B, scaling)"]
-    problems, shapes = [], []
-    for i, f in enumerate(factors):
-        if not isinstance(f, Factors):
-            problems.append(f"factors[{i}] is a {type(f).__name__}: wrap it as Factors(A, B, scaling)")
-            continue
-        A, B, s = f
-        if not (isinstance(A, torch.Tensor) and A.dim() == 2 and A.is_floating_point()):
-            problems.append(f"factors[{i}].A must be a 2-D float tensor (r, in), got {_describe(A)}")
-        elif not (isinstance(B, torch.Tensor) and B.dim() == 2 and B.is_floating_point()):
-            problems.append(f"factors[{i}].B must be a 2-D float tensor (out, r), got {_describe(B)}")
-        elif A.shape[0] != B.shape[1] or A.shape[0] == 0:
-            problems.append(
-                f"factors[{i}]: A is {tuple(A.shape)} and B is {tuple(B.shape)}; "
-                "A's rows and B's columns must both be the rank r >= 1 (A is (r, in), B is (out, r))"
-            )
-        elif not A.is_meta and not B.is_meta and not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            problems.append(f"factors[{i}] holds NaN/Inf: the adapter is broken (did its training diverge?)")
-        else:
-            shapes.append((i, (B.shape[0], A.shape[1]), A.device))
-        if isinstance(s, bool) or not isinstance(s, Real) or not math.isfinite(s):
-            problems.append(f"factors[{i}].scaling = {s!r} is not a finite number: give alpha/r (or alpha/sqrt(r))")
-    return problems + _check_same_module([(i, shape, dev) for i, shape, dev in shapes], "factors")
-
-
-def _check_deltas(deltas) -> list[str]:
-    """Problems with dense deltas: 2-D float tensors of one shape."""
-    if not isinstance(deltas, (list, tuple)) or len(deltas) == 0:
-        return ["deltas is empty: pass a list with at least one (out, in) tensor"]
-    problems, shapes = [], []
-    for i, d in enumerate(deltas):
-        if isinstance(d, torch.Tensor) and d.dim() == 2 and d.is_floating_point():
-            shapes.append((i, tuple(d.shape), d.device))
-        else:
-            problems.append(f"deltas[{i}] must be a 2-D float tensor (out, in), got {_describe(d)}")
-    return problems + _check_same_module(shapes, "deltas")
-
-
-def _check_same_module(shapes, name) -> list[str]:
-    """All (index, (out, in), device) entries must agree with the first."""
-    problems = []
-    if not shapes:
-        return problems
-    i0, shape0, dev0 = shapes[0]
-    for i, shape, dev in shapes[1:]:
-        if shape != shape0:
-            problems.append(
-                f"{name}[{i}] updates an (out, in) = {shape} weight but {name}[{i0}] a {shape0} one: "
-                "combine only adapters of the same module"
-            )
-        if dev != dev0:
-            problems.append(f"{name}[{i}] is on {dev} but {name}[{i0}] on {dev0}: move them to one device")
-    return problems
-
-
-def _check_generator(generator, device, canon) -> list[str]:
-    if isinstance(generator, torch.Generator) and canon in ("dare_linear", "dare_ties"):
-        if generator.device.type != device.type:
-            return [
-                f"generator is on {generator.device} but the adapters on {device}: "
-                f"create it with torch.Generator(device='{device.type}')"
-            ]
-    return []
-
-
-def _describe(x) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"a {x.dim()}-D {x.dtype} tensor of shape {tuple(x.shape)}"
-    return f"a {type(x).__name__}"
 
 
 # ---------------------------------------------------------------- dense merges
@@ -331,11 +179,11 @@ def combine(
     (or torch's global RNG if None). See the module docstring for the methods.
     """
     canon = canonical(method)
-    problems = _check_factors(factors)
+    problems = factor_problems(factors)
     n = len(factors) if isinstance(factors, (list, tuple)) else 0
     problems += option_problems(method, n, weights, rank, density, majority_sign, target_scaling, generator)
     if not problems:
-        problems += _check_generator(generator, factors[0].A.device, canon)
+        problems += generator_problems(generator, factors[0].A.device, canon)
         total_rank = sum(f.A.shape[0] for f in factors)
         if canon == "cat" and rank is not None and rank != total_rank:
             problems.append(
@@ -387,13 +235,13 @@ def combine_dense(
     possibly mixed with delta(f) of plain adapters.
     """
     canon = canonical(method)
-    problems = _check_deltas(deltas)
+    problems = delta_problems(deltas)
     n = len(deltas) if isinstance(deltas, (list, tuple)) else 0
     problems += option_problems(method, n, weights, rank, density, majority_sign, target_scaling, generator)
     if canon == "cat":
         problems.append("method 'cat' needs the factors: use combine(factors, ...) or another method")
     if not problems:
-        problems += _check_generator(generator, deltas[0].device, canon)
+        problems += generator_problems(generator, deltas[0].device, canon)
     LorakitError.collect(problems, f"combine_dense(method={method!r}): {len(problems)} problem(s):")
 
     rank = rank if rank is not None else min(deltas[0].shape)
@@ -421,16 +269,16 @@ def dora_effective_delta(W0: torch.Tensor, f: Factors, magnitude: torch.Tensor) 
     (float64 if the inputs are): it is a small difference of two large numbers, and rounding
     it to bf16 before combining would throw most of it away.
     """
-    problems = _check_factors([f])
+    problems = factor_problems([f])
     if not (isinstance(W0, torch.Tensor) and W0.dim() == 2 and W0.is_floating_point()):
-        problems.append(f"W0 must be the 2-D float base weight (out, in), got {_describe(W0)}")
+        problems.append(f"W0 must be the 2-D float base weight (out, in), got {describe(W0)}")
     elif not problems and tuple(W0.shape) != (f.B.shape[0], f.A.shape[1]):
         problems.append(
             f"W0 is {tuple(W0.shape)} but the adapter updates an (out, in) = "
             f"{(f.B.shape[0], f.A.shape[1])} weight: pass the base weight of the adapter's module"
         )
     if not (isinstance(magnitude, torch.Tensor) and magnitude.dim() == 1 and magnitude.is_floating_point()):
-        problems.append(f"magnitude must be a 1-D float tensor (out,), got {_describe(magnitude)}")
+        problems.append(f"magnitude must be a 1-D float tensor (out,), got {describe(magnitude)}")
     elif isinstance(W0, torch.Tensor) and W0.dim() == 2 and magnitude.shape[0] != W0.shape[0]:
         problems.append(
             f"magnitude has {magnitude.shape[0]} entries but W0 has {W0.shape[0]} output rows: "
