@@ -272,7 +272,7 @@ def set_active(model: nn.Module, names: list[str]) -> None:
     for lname, layer in token_layers(model):
         here = [n for n in names if n in layer.token_indices]
         if len(here) > 1:
-            raise LorakitError(f"Only one adapter can be set at a time for the trainable tokens of {lname!r}, got "
+            raise LorakitError(f"Only one adapter can be set at a time for TrainableTokensWrapper {lname!r}, got "
                                f"{len(here)} ({here}); activate one of them")
         layer.active_adapters = here
 
