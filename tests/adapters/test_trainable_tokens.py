@@ -176,3 +176,10 @@ def test_run_config_key_reaches_the_lora_config(tmp_path):
     assert lora_config(load_run(path)).trainable_token_indices == [95, 96]
     with pytest.raises(LorakitError, match="lora.trainable_token_indices"):
         load_run(path, overrides=["lora.trainable_token_indices=oops"])
+
+
+def test_mixed_adapter_batches_refuse_trainable_tokens():
+    lk = lorakit.get_peft_model(EmbMLP(), lorakit.LoraConfig(target_modules=["lin0"],
+                                                             trainable_token_indices={"emb": [1]}))
+    with pytest.raises(LorakitError, match="trainable_token_indices"):
+        lk(IDS, adapter_names=["default", "__base__"])
