@@ -183,3 +183,16 @@ def test_mixed_adapter_batches_refuse_trainable_tokens():
                                                              trainable_token_indices={"emb": [1]}))
     with pytest.raises(LorakitError, match="trainable_token_indices"):
         lk(IDS, adapter_names=["default", "__base__"])
+
+
+def test_combining_refuses_trainable_tokens_and_kasa():
+    from peft.tuners.lora.config import KasaConfig
+    lk = lorakit.get_peft_model(EmbMLP(), lorakit.LoraConfig(target_modules=["lin0"],
+                                                             trainable_token_indices={"emb": [1]}))
+    lk.add_adapter("b", lorakit.LoraConfig(target_modules=["lin0"], trainable_token_indices={"emb": [2]}))
+    with pytest.raises(LorakitError, match="trainable tokens"):
+        lk.add_weighted_adapter(["default", "b"], [1.0, 1.0], "both", combination_type="linear")
+    kasa = lorakit.get_peft_model(EmbMLP(), lorakit.LoraConfig(target_modules=["lin0"], r=2, kasa_config=KasaConfig()))
+    kasa.add_adapter("b", lorakit.LoraConfig(target_modules=["lin0"], r=2, kasa_config=KasaConfig()))
+    with pytest.raises(LorakitError, match="KaSA"):
+        kasa.add_weighted_adapter(["default", "b"], [1.0, 1.0], "both", combination_type="linear")

@@ -188,3 +188,25 @@ def test_kasa_and_plain_adapters_never_share_a_model():
     plain = lorakit.get_peft_model(MLP(), lorakit.LoraConfig(target_modules=["lin0"], r=4))
     with pytest.raises(LorakitError, match="KaSA cannot be combined"):
         plain.add_adapter("k", lorakit.LoraConfig(target_modules=["lin0"], r=4, kasa_config=KasaConfig()))
+
+
+def test_serving_and_gguf_export_refuse_kasa(tmp_path):
+    from lorakit.export.adapter import lora_pairs
+    from lorakit.serve.registry import read_for_serving
+    _, _, lk, _, _ = _pair()
+    lk.save_pretrained(tmp_path)
+    with pytest.raises(LorakitError, match="KaSA"):
+        read_for_serving(tmp_path)
+    from conftest import tiny_llama
+    llama = lorakit.add_adapter(tiny_llama(), lorakit.LoraConfig(target_modules=["q_proj"], r=4,
+                                                                 kasa_config=KasaConfig()))
+    with pytest.raises(LorakitError, match="KaSA"):
+        lora_pairs(llama)
+
+
+def test_model_regulariser_matches_peft_get_kasa_loss():
+    _, p, lk, _, _ = _pair()
+    _perturb(p, lk)
+    torch.testing.assert_close(lk.base_model._get_kasa_loss(), p.base_model._get_kasa_loss())
+    torch.testing.assert_close(lk._get_kasa_loss("default"), p._get_kasa_loss("default"))
+    assert lorakit.adapters.manage.kasa_loss(MLP(), []) == 0.0

@@ -129,7 +129,8 @@ def _embedding_base_weights(model: nn.Module, state: dict, only_wrapped: bool) -
             continue
         name = next((n for n, m in model.named_modules() if m is module), None)
         if name:
-            found.update({k: v for k, v in state.items() if k.startswith(f"{name}.") and ".lora_" not in k})
+            found.update({k: v for k, v in state.items() if k.startswith(f"{name}.") and ".lora_" not in k
+                          and ".trainable_tokens_" not in k})
     return found
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from ..config import ALL_LINEAR, LoraConfig
 from ..errors import LorakitError
 from ..layers import DoRA, KaSA, LoraLayer
+from ..layers.kasa import kasa_loss as _layer_kasa_loss
 from .inject import (ModulesToSave, find_parameter_targets, find_targets, layer_kind, resolve_targets, unwrap, wrap,
                      wrap_modules_to_save)
 from . import trainable_tokens as tokens
@@ -252,6 +253,19 @@ def unload(model: nn.Module) -> nn.Module:
     unwrap(model)
     model.__dict__.pop(CONFIGS_ATTR, None)
     return model
+
+
+def kasa_loss(model: nn.Module, names: str | list[str] | None = None):
+    """KaSA's regulariser summed over layers for adapters `names` (default: the active ones), with each
+    adapter's beta and gamma; 0.0 without KaSA adapters (PEFT's LoraModel._get_kasa_loss). Add it to the loss."""
+    names = active_adapters(model) if names is None else [names] if isinstance(names, str) else names
+    total = 0.0
+    for _, layer in lora_layers(model):
+        for n in names:
+            if n in layer.lora_diag:
+                kasa = configs(model)[n].kasa_config
+                total = total + _layer_kasa_loss(layer, n, kasa["beta"], kasa["gamma"])
+    return total
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
