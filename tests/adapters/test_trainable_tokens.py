@@ -196,3 +196,10 @@ def test_combining_refuses_trainable_tokens_and_kasa():
     kasa.add_adapter("b", lorakit.LoraConfig(target_modules=["lin0"], r=2, kasa_config=KasaConfig()))
     with pytest.raises(LorakitError, match="KaSA"):
         kasa.add_weighted_adapter(["default", "b"], [1.0, 1.0], "both", combination_type="linear")
+
+
+def test_state_dict_keys_are_peft_s():
+    p, lk = _pair(EmbMLP(), target_modules=["lin0"], trainable_token_indices={"emb": ROWS})
+    ours = {k.removesuffix(".weight") for k in lk.state_dict()}
+    assert ours == {k.removesuffix(".weight") for k in p.state_dict()}
+    assert "base_model.model.emb.token_adapter.trainable_tokens_original.default" in dict(lk.named_buffers())

@@ -29,10 +29,11 @@ DELTA = "trainable_tokens_delta"
 
 
 class _Buffers(nn.Module):
-    """name -> tensor, registered as buffers (state dict keys `<owner>.trainable_tokens_original.<name>`)."""
+    """name -> tensor, registered as non-persistent buffers (as PEFT's BufferDict: they move with .to() but stay
+    out of the state dict; the originals are the base weight's rows, which the base checkpoint holds)."""
 
     def __setitem__(self, name: str, t: torch.Tensor) -> None:
-        self.register_buffer(name, t)
+        self.register_buffer(name, t, persistent=False)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._buffers[name]
