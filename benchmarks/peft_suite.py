@@ -95,7 +95,7 @@ MAPPED_NAMES = (
     "LoraConfig", "get_peft_model", "PeftModel",
     "PeftModelForCausalLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
     "PeftModelForSeq2SeqLM", "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction",
-    "LoraModel", "LoraLayer", "TaskType",
+    "LoraModel", "LoraLayer", "TaskType", "TrainableTokensWrapper",
     # not exported by lorakit yet; mapped as soon as it does:
     "get_peft_model_state_dict", "set_peft_model_state_dict", "inject_adapter_in_model",
     "get_base_model_state_dict", "set_base_model_state_dict",

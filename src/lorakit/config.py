@@ -45,10 +45,10 @@ _INIT_CHOICES = (True, False, "gaussian", "pissa")
 _TASK_TYPES = (None, "CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 # PEFT fields whose features lorakit does not implement: (name, value that means "off").
 _UNSUPPORTED_OFF = {
-    "megatron_config": None, "trainable_token_indices": None, "eva_config": None, "corda_config": None,
+    "megatron_config": None, "eva_config": None, "corda_config": None,
     "lora_ga_config": None, "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False,
     "monteclora_config": None, "layer_replication": None,
-    "use_bdlora": None, "arrow_config": None, "kasa_config": None, "runtime_config": None,
+    "use_bdlora": None, "arrow_config": None, "runtime_config": None,
 }
 
 
@@ -144,6 +144,10 @@ class LoraConfig:
             self.task_type = TaskType(self.task_type.upper())
         if isinstance(self.peft_type, str) and self.peft_type in PeftType.__members__:
             self.peft_type = PeftType(self.peft_type)
+        if dataclasses.is_dataclass(self.kasa_config) and not isinstance(self.kasa_config, type):
+            self.kasa_config = dataclasses.asdict(self.kasa_config)  # PEFT's KasaConfig -> its file form
+        if isinstance(self.kasa_config, dict):
+            self.kasa_config = {"beta": 1e-4, "gamma": 1e-3, **self.kasa_config}  # PEFT's defaults
 
     def problems(self) -> list[str]:
         """Every problem the config has on its own (no model needed)."""
@@ -193,6 +197,8 @@ class LoraConfig:
         for name in ("use_dora", "use_rslora", "lora_fa", "fan_in_fan_out", "inference_mode", "lora_bias"):
             if not isinstance(getattr(self, name), bool):
                 p.append((name, f"{name} must be true or false (got {getattr(self, name)!r})"))
+        p += [("kasa_config", m) for m in _kasa_problems(self)]
+        p += [("trainable_token_indices", m) for m in _token_indices_problems(self.trainable_token_indices)]
         if self.use_dora is True and self.lora_fa is True:
             p.append(("use_dora", "use_dora and lora_fa cannot be combined; choose one variant"))
         return p
@@ -306,6 +312,36 @@ def _parameters_problems(config: "LoraConfig") -> list[str]:
            if on]
     return [f"target_parameters cannot be combined with {', '.join(bad)} (as in PEFT); turn {'them' if len(bad) > 1 else 'it'} "
             "off"] if bad else []
+
+
+def _token_indices_problems(spec) -> list[str]:
+    """trainable_token_indices: None, a list of token ids (rows of the input embedding), or {module: [ids]}."""
+    ids = lambda v: isinstance(v, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool)  # noqa: E731
+                                                         and i >= 0 for i in v)
+    if spec is None or ids(spec) or (isinstance(spec, dict) and all(isinstance(k, str) and ids(v)
+                                                                     for k, v in spec.items())):
+        return []
+    return [f"trainable_token_indices must be a list of token ids (non-negative ints) or a dict "
+            f"{{module name: [ids]}}, e.g. [32000, 32001] or {{'embed_tokens': [32000]}} (got {spec!r})"]
+
+
+def _kasa_problems(config: "LoraConfig") -> list[str]:
+    """kasa_config: None or {"beta": >= 0, "gamma": >= 0}; KaSA is a variant of its own (PEFT's combinations)."""
+    kasa = config.kasa_config
+    if kasa is None:
+        return []
+    if not isinstance(kasa, dict) or set(kasa) - {"beta", "gamma"}:
+        return [f"kasa_config must be a KasaConfig or a dict with keys 'beta' and 'gamma' (got {kasa!r})"]
+    p = [f"kasa_config {k} must be a number >= 0 (got {v!r})" for k, v in kasa.items() if not (_number(v) and v >= 0)]
+    others = [n for n, on in (("use_dora", config.use_dora is True), ("lora_fa", config.lora_fa is True),
+                              ("lora_bias", config.lora_bias is True)) if on]
+    if others:
+        p.append(f"kasa_config cannot be combined with {', '.join(others)}; choose one variant")
+    init = config.init_lora_weights
+    if isinstance(init, str) and init != "gaussian":
+        p.append(f"kasa_config cannot be combined with init_lora_weights={init!r} (KaSA truncates the base weight "
+                 "itself); use True, False or 'gaussian'")
+    return p
 
 
 def _targets_problems(field_name: str, spec, required: bool = False) -> list[str]:

@@ -157,3 +157,20 @@ def test_speed_switches_keep_loss_and_gradients(switch):
     assert grads.keys() == grads_ref.keys()
     for k in grads:
         assert torch.allclose(grads[k], grads_ref[k], rtol=1e-4, atol=1e-6), k
+
+
+def test_trainable_token_rows_train_and_load_in_peft(tiny_model_dir, data_file, tmp_path):
+    """lora.trainable_token_indices: the chat template's special tokens (<|im_start|> 1, <|im_end|> 2) learn their
+    embedding rows (tied to the head in this model) next to the LoRA factors; PEFT loads the adapter."""
+    result = train(_cfg(tiny_model_dir, data_file, tmp_path, "train.max_steps=4",
+                        "lora.trainable_token_indices=[1, 2]"), progress=False)
+    assert result.steps == 4
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    rows = tensors["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+    import peft
+    from transformers import AutoModelForCausalLM
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert rows.shape == (2, base.config.hidden_size)
+    assert not torch.allclose(rows, base.model.embed_tokens.weight[[1, 2]])  # the rows learned
+    model = peft.PeftModel.from_pretrained(base, tmp_path)
+    assert torch.equal(model.base_model.model.lm_head.weight[[1, 2]], rows)  # the tied head follows them

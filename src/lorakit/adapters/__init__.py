@@ -5,6 +5,7 @@
     files.py     adapter folders in PEFT's format (keys, config, safetensors; never pickle)
     rows.py      mixed-adapter batches on a model: adapter_rows, the per-model stacks
     quantize.py  QLoRA at the model level: merge into an exact full-precision model
+    trainable_tokens.py  train only chosen embedding rows (PEFT's trainable_token_indices), tied heads too
 """
 
 from .files import adapter_state_dict, load_adapter, load_weights, read_adapter, save_adapter
@@ -13,8 +14,9 @@ from .manage import (active_adapters, add_adapter, configs, count_parameters, de
                      lora_layers, merge, merge_and_unload, set_adapter, trainable_report, unload, unmerge)
 from .quantize import merge_to_full_precision
 from .rows import adapter_rows
+from .trainable_tokens import TokenLayer, TokenWrapper
 
-__all__ = ["ModulesToSave", "active_adapters", "adapter_rows", "adapter_state_dict", "add_adapter", "configs",
+__all__ = ["ModulesToSave", "TokenLayer", "TokenWrapper", "active_adapters", "adapter_rows", "adapter_state_dict", "add_adapter", "configs",
            "count_parameters", "delete_adapter", "disable_adapters", "find_targets", "load_adapter",
            "load_weights", "lora_layers", "merge", "merge_and_unload", "merge_to_full_precision", "read_adapter",
            "save_adapter", "set_adapter", "trainable_report", "unload", "unmerge", "unwrap", "wrap"]

@@ -5,6 +5,8 @@ An adapter folder holds adapter_config.json and adapter_model.safetensors whose 
     base_model.model.<module>.lora_B.weight   (out, r)
     base_model.model.<module>.lora_embedding_A / _B        nn.Embedding, (r, num) and (dim, r)
     base_model.model.<module>.lora_magnitude_vector        DoRA, (out,)
+    base_model.model.<module>.lora_diag                    KaSA, (r,)
+    base_model.model.<emb>.token_adapter.trainable_tokens_delta   trainable tokens' rows, (k, dim)
 plus biases (bias='all' / 'lora_only'), modules_to_save copies under the module's own name, and, as
 PEFT does when an embedding layer is targeted, the embedding base weights. Safetensors only: nothing
 is ever unpickled. Loading checks every key and shape first and reports all problems in one error.
@@ -25,6 +27,7 @@ from ..atomic import atomic_write, disk_full_error
 from ..config import ALL_LINEAR, LoraConfig
 from ..errors import LorakitError
 from . import manage
+from . import trainable_tokens as tokens
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -68,6 +71,12 @@ def _disk_key(mem_key: str, name: str, embedding_layers: set[str]) -> str | None
         module, part = m.groups()
         part = "magnitude" if part == "magnitude_vector" else part
         return factor_key(module, part, module in embedding_layers)
+    m = re.fullmatch(rf"(.*\.token_adapter\.{tokens.DELTA})\.{re.escape(name)}", mem_key)
+    if m:  # trainable tokens' rows (a tied head's are the embedding's: never saved twice, see tied_prefixes)
+        return m.group(1)
+    m = re.fullmatch(rf"(.*)\.lora_diag\.{re.escape(name)}", mem_key)
+    if m:  # KaSA's diagonal
+        return f"{m.group(1)}.lora_diag"
     m = re.fullmatch(rf"(.*)\.lora_bias\.{re.escape(name)}", mem_key)
     if m:  # PEFT's lora_bias=True: B's bias
         return f"{m.group(1)}.lora_B.bias"
@@ -92,10 +101,11 @@ def adapter_state_dict(model: nn.Module, name: str = "default", save_embedding_l
     config = manage.configs(model)[name]
     embedding_layers = {n for n, layer in manage.lora_layers(model) if layer.kind == "embedding"}
     state = model.state_dict() if state is None else state
+    tied = tokens.tied_prefixes(model)
     out = {}
     for key, value in state.items():
         disk = _disk_key(key, name, embedding_layers)
-        if disk is not None:
+        if disk is not None and not (tied and key.startswith(tied)):
             out[disk] = value
     if config.bias == "all":
         out.update({k: v for k, v in state.items() if "bias" in k and ".lora_" not in k
@@ -104,7 +114,8 @@ def adapter_state_dict(model: nn.Module, name: str = "default", save_embedding_l
         out.update({f"{n}.base_layer.bias": layer.base_layer.bias for n, layer in manage.lora_layers(model)
                     if getattr(layer.base_layer, "bias", None) is not None})
     targeted = _embedding_targeted(model, config)
-    if save_embedding_layers is True or (save_embedding_layers == "auto" and targeted):
+    auto = save_embedding_layers == "auto" and targeted and config.trainable_token_indices is None  # PEFT's rule
+    if save_embedding_layers is True or auto:
         out.update(_embedding_base_weights(model, state, only_wrapped=targeted))
     return {prefix + k: v.detach().contiguous() for k, v in out.items()}
 
@@ -118,7 +129,8 @@ def _embedding_base_weights(model: nn.Module, state: dict, only_wrapped: bool) -
             continue
         name = next((n for n, m in model.named_modules() if m is module), None)
         if name:
-            found.update({k: v for k, v in state.items() if k.startswith(f"{name}.") and ".lora_" not in k})
+            found.update({k: v for k, v in state.items() if k.startswith(f"{name}.") and ".lora_" not in k
+                          and ".trainable_tokens_" not in k})
     return found
 
 
@@ -229,9 +241,10 @@ def adapter_targets(model: nn.Module, name: str) -> tuple[dict, dict]:
     embedding_layers = {n for n, layer in manage.lora_layers(model) if layer.kind == "embedding"}
     params = {**dict(model.named_buffers(remove_duplicate=False)), **dict(model.named_parameters(remove_duplicate=False))}
     wanted = {}  # disk key -> in-memory parameter
+    tied = tokens.tied_prefixes(model)
     for key, p in params.items():
         disk = _disk_key(key, name, embedding_layers)
-        if disk is not None:
+        if disk is not None and not (tied and key.startswith(tied)):
             wanted[disk] = p
     return wanted, params
 
@@ -263,7 +276,7 @@ def adapter_devices(model: nn.Module) -> dict[int, torch.device]:
     devices = {}
     for _, layer in manage.lora_layers(model):
         device = layer._param_device_dtype()[0]
-        for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector, layer.lora_bias):
+        for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector, layer.lora_bias, layer.lora_diag):
             devices.update({id(p): device for p in store.values()})
     return devices
 

@@ -19,6 +19,7 @@ from ..errors import LorakitError
 from ..layers import LoraLayer, ParamKind, kind_of
 from ..models.heads import output_head_name
 from ..models.targets import default_targets, model_type
+from .trainable_tokens import TokenWrapper
 
 
 def _matches(spec, name: str) -> bool:
@@ -57,7 +58,8 @@ def layer_kind(module: nn.Module) -> str | None:
 
 def _inside_wrapper(name: str) -> bool:
     """True for the parts of a wrapper (its base layer, adapter weights, saved copies), never targets."""
-    return any(part in f"{name}." for part in (".base_layer.", ".lora_", ".modules_to_save.", ".original_module."))
+    return any(part in f"{name}." for part in (".base_layer.", ".lora_", ".modules_to_save.", ".original_module.",
+                                                       ".token_adapter."))
 
 
 def expand_all_linear(model: nn.Module) -> list[str]:
@@ -94,7 +96,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     saved = config.modules_to_save or []
     found, problems = [], []
     for name, mod in model.named_modules():
-        if isinstance(mod, ModulesToSave) or _inside_wrapper(name):
+        if isinstance(mod, (ModulesToSave, TokenWrapper)) or _inside_wrapper(name):
             continue
         if config.exclude_modules and _matches(config.exclude_modules, name):
             continue
@@ -228,7 +230,8 @@ def wrap_modules_to_save(model: nn.Module, config: LoraConfig, adapter: str) -> 
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """Replace every LoraLayer by its base layer and every ModulesToSave by its active copy."""
+    """Replace every LoraLayer by its base layer, every ModulesToSave by its active copy and every trainable-tokens
+    wrapper by its embedding (with merged rows, if merged)."""
     for name, mod in reversed(list(model.named_modules())):  # inner first: an attention's out_proj layer
         if isinstance(mod, LoraLayer):
             parent, child = _parent(model, name)
@@ -237,4 +240,7 @@ def unwrap(model: nn.Module) -> nn.Module:
             parent, child = _parent(model, name)
             keep = mod.modules_to_save[mod.active_adapter] if mod.active_adapter else mod.original_module
             setattr(parent, child, keep)
+        elif isinstance(mod, TokenWrapper):
+            parent, child = _parent(model, name)
+            setattr(parent, child, mod.token_adapter.base_layer)
     return model

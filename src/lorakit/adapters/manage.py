@@ -16,9 +16,11 @@ from torch import nn
 
 from ..config import ALL_LINEAR, LoraConfig
 from ..errors import LorakitError
-from ..layers import DoRA, LoraLayer
+from ..layers import DoRA, KaSA, LoraLayer
+from ..layers.kasa import kasa_loss as _layer_kasa_loss
 from .inject import (ModulesToSave, find_parameter_targets, find_targets, layer_kind, resolve_targets, unwrap, wrap,
                      wrap_modules_to_save)
+from . import trainable_tokens as tokens
 from .placement import compute_device
 
 CONFIGS_ATTR = "lorakit_configs"
@@ -64,6 +66,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", act
     if not isinstance(config, LoraConfig):
         raise LorakitError(f"expected a lorakit LoraConfig, got {type(config).__name__}")
     _check_bias(model, config, name)
+    _check_kasa(model, config, name)
     config = resolve_targets(model, config)
     targets = find_targets(model, config)
     param_targets = find_parameter_targets(model, config, targets)
@@ -75,12 +78,14 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", act
         layer = wrap(model, target, parameter)
         layer.add(name, r=config.rank_for(target), scaling=config.scaling_for(target),
                   dropout=config.lora_dropout, init=config.init_lora_weights,
-                  variant=DoRA() if config.use_dora else None, upcast=autocast_adapter_dtype,
+                  variant=_variant(config), upcast=autocast_adapter_dtype,
                   bias=config.lora_bias, meta=low_cpu_mem_usage, device=compute_device(layer.base_layer))
         if config.lora_fa:  # LoRA-FA (Zhang et al. 2023): A stays at its random init; only B trains
             layer.lora_A[name].requires_grad_(False)
     if config.modules_to_save:
         wrap_modules_to_save(model, config, name)
+    if config.trainable_token_indices is not None:
+        tokens.wrap_trainable_tokens(model, config, name)
     configs(model)[name] = config
     _freeze_base(model, config)
     if activate or len(configs(model)) == 1:
@@ -88,6 +93,21 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", act
     else:
         set_trainable(model, name, False)
     return model
+
+
+def _variant(config: LoraConfig):
+    """The variant object of one adapter in one layer (None: plain LoRA)."""
+    return DoRA() if config.use_dora else KaSA() if config.kasa_config is not None else None
+
+
+def _check_kasa(model: nn.Module, config: LoraConfig, name: str) -> None:
+    """KaSA truncates base weights when added, so it never shares a model with non-KaSA adapters (PEFT's rule)."""
+    new = config.kasa_config is not None
+    for other, c in configs(model).items():
+        if (c.kasa_config is not None) is not new:
+            raise LorakitError(f"KaSA cannot be combined with adapters that don't use KaSA, since KaSA modifies the base "
+                               f"weights: the new adapter {name!r} {'uses' if new else 'does not use'} KaSA but adapter "
+                               f"{other!r} {'does not' if new else 'does'}; put them on separate copies of the model")
 
 
 def _check_bias(model: nn.Module, config: LoraConfig, name: str) -> None:
@@ -101,7 +121,7 @@ def _check_bias(model: nn.Module, config: LoraConfig, name: str) -> None:
 def _freeze_base(model: nn.Module, config: LoraConfig) -> None:
     """Freeze every parameter that is not an adapter's; then open the biases the config asks for."""
     for pname, p in model.named_parameters():
-        if ".lora_" not in pname and ".modules_to_save." not in pname:
+        if ".lora_" not in pname and ".modules_to_save." not in pname and f".{tokens.DELTA}." not in pname:
             p.requires_grad_(False)
     if config.bias == "all":
         for pname, p in model.named_parameters():
@@ -119,12 +139,13 @@ def set_trainable(model: nn.Module, name: str, flag: bool) -> None:
     A stays frozen for LoRA-FA."""
     fa = configs(model)[name].lora_fa if name in configs(model) else False
     for _, layer in lora_layers(model):
-        for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector, layer.lora_bias):
+        for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector, layer.lora_bias, layer.lora_diag):
             if name in store:
                 store[name].requires_grad_(flag and not (fa and store is layer.lora_A))
     for _, mod in _saved_modules(model):
         if name in mod.modules_to_save:
             mod.modules_to_save[name].requires_grad_(flag)
+    tokens.set_trainable(model, name, flag)
 
 
 def set_adapter(model: nn.Module, names: str | list[str]) -> None:
@@ -132,6 +153,7 @@ def set_adapter(model: nn.Module, names: str | list[str]) -> None:
     names = [names] if isinstance(names, str) else list(names)
     for n in names:
         _check_name(model, n, must_exist=True)
+    tokens.set_active(model, names)
     for other in configs(model):
         set_trainable(model, other, other in names)
     for _, layer in lora_layers(model):
@@ -149,9 +171,10 @@ def active_adapters(model: nn.Module) -> list[str]:
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
     """Inside this block the model computes as its base (merged adapters are unmerged first)."""
-    mods = [m for _, m in lora_layers(model)] + [m for _, m in _saved_modules(model)]
+    mods = [m for _, m in lora_layers(model)] + [m for _, m in _saved_modules(model)] + [
+        m for _, m in tokens.token_layers(model)]
     for m in mods:
-        if isinstance(m, LoraLayer) and m.merged_adapters:
+        if not isinstance(m, ModulesToSave) and m.merged_adapters:
             m.unmerge()
     before = [m.disabled for m in mods]
     try:
@@ -171,12 +194,16 @@ def set_disabled(model: nn.Module, flag: bool) -> None:
         layer.disabled = flag
     for _, mod in _saved_modules(model):
         mod.disabled = flag
+    for _, mod in tokens.token_layers(model):
+        if flag and mod.merged_adapters:
+            mod.unmerge()
+        mod.disabled = flag
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove every trace of adapter `name`; layers left with no adapter go back to their base layer."""
     _check_name(model, name, must_exist=True)
-    if any(name in layer.merged_adapters for _, layer in lora_layers(model)):  # checked before anything changes
+    if any(name in layer.merged_adapters for _, layer in [*lora_layers(model), *tokens.token_layers(model)]):
         raise LorakitError(f"Cannot delete adapter(s) {[name]} while they are merged. Please unmerge them first.")
     for _, layer in lora_layers(model):
         layer.delete(name)
@@ -185,6 +212,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             del mod.modules_to_save[name]
         if mod.active_adapter == name:
             mod.active_adapter = None
+    for _, mod in tokens.token_layers(model):
+        mod.delete(name)
     del configs(model)[name]
     if not configs(model):
         unwrap(model)
@@ -204,10 +233,12 @@ def merge(model: nn.Module, names: list[str] | None = None, safe_merge: bool = F
         return
     for layer in layers:
         layer.merge(names, safe=safe_merge)
+    for _, layer in tokens.token_layers(model):
+        layer.merge(names, safe=safe_merge)
 
 
 def unmerge(model: nn.Module) -> None:
-    for _, layer in lora_layers(model):
+    for _, layer in [*lora_layers(model), *tokens.token_layers(model)]:
         layer.unmerge()
 
 
@@ -222,6 +253,19 @@ def unload(model: nn.Module) -> nn.Module:
     unwrap(model)
     model.__dict__.pop(CONFIGS_ATTR, None)
     return model
+
+
+def kasa_loss(model: nn.Module, names: str | list[str] | None = None):
+    """KaSA's regulariser summed over layers for adapters `names` (default: the active ones), with each
+    adapter's beta and gamma; 0.0 without KaSA adapters (PEFT's LoraModel._get_kasa_loss). Add it to the loss."""
+    names = active_adapters(model) if names is None else [names] if isinstance(names, str) else names
+    total = 0.0
+    for _, layer in lora_layers(model):
+        for n in names:
+            if n in layer.lora_diag:
+                kasa = configs(model)[n].kasa_config
+                total = total + _layer_kasa_loss(layer, n, kasa["beta"], kasa["gamma"])
+    return total
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -59,6 +59,10 @@ def _check_names(model: nn.Module, adapter_names) -> None:
         problems.append(f"Cannot pass `adapter_names` when DoRA is enabled: adapter(s) {dora} are "
                         "DoRA; mixed-adapter batches support plain LoRA adapters only: "
                         "run DoRA adapters in their own batch with set_adapter(), or merge them")
+    tokens = sorted({n for n in adapter_names if n in known and known[n].trainable_token_indices is not None})
+    if tokens:
+        problems.append(f"adapter(s) {tokens} train embedding rows (trainable_token_indices), which lorakit does not "
+                        "route per batch row; run them in their own batch with set_adapter(), or merge them")
     if any(layer.merged_adapters for _, layer in manage.lora_layers(model)):
         problems.append("mixed-adapter batches need unmerged adapters; call unmerge() (PeftModel: "
                         "unmerge_adapter()) first")

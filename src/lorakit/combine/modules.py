@@ -165,4 +165,9 @@ def check_kinds(names: list[str], cfgs: dict[str, LoraConfig], method: str) -> l
     if saved:
         problems.append(f"{saved} have modules_to_save (full module copies, not low-rank deltas), which cannot be "
                         "combined: combine adapters trained without modules_to_save")
+    for field, what in (("kasa_config", "KaSA (a learned diagonal, a truncated base)"),
+                        ("trainable_token_indices", "trainable tokens (embedding rows, not low-rank deltas)")):
+        odd = [n for n in names if getattr(cfgs[n], field) is not None]
+        if odd:
+            problems.append(f"{odd} are {what}, which combining cannot carry over: combine plain LoRA adapters")
     return problems

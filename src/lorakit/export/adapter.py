@@ -71,6 +71,10 @@ def lora_pairs(model: nn.Module, name: str = "default", layout: Layout | None = 
         problems.append("DoRA (use_dora) rescales each output row by a learned magnitude")
     if config.modules_to_save:
         problems.append(f"modules_to_save {config.modules_to_save} are full trained copies of modules")
+    if config.kasa_config is not None:
+        problems.append("KaSA (kasa_config) truncates the base weights and scales B·A by a learned diagonal")
+    if config.trainable_token_indices is not None:
+        problems.append("trainable_token_indices replaces embedding rows, which a llama.cpp adapter cannot carry")
     if config.bias != "none":
         problems.append(f"bias={config.bias!r} trains biases")
     pairs = []

@@ -8,6 +8,7 @@
     param.py      LoRA on one nn.Parameter of a module (PEFT's target_parameters)
     bnb.py        bitsandbytes 4/8-bit base kinds, registered like any other
     dora.py       DoRA (linear, conv, embedding) as a variant object that owns its caches
+    kasa.py       KaSA: the base weight's SVD truncated at init, a learnable diagonal between A and B
     mixed.py      per-row adapters in one forward (RowPlan, the stacked and segment paths)
     tokens.py     per-token adapters in one flat (1, N) forward (TokenPlan, for serving steps)
     pool.py       slot pools: per layer and rank, adapters packed in slots (gathered per token)
@@ -18,6 +19,7 @@
 from . import bnb  # noqa: F401  (registers the bitsandbytes base kinds)
 from .bases import BaseKind, dense_weight, kind_of, register
 from .dora import DoRA
+from .kasa import KaSA
 from .fused import _LoraLinear  # noqa: F401  (old import path: lorakit.layers._LoraLinear)
 from .layer import LoraLayer, Variant, current_row_plan, using_row_plan
 from .mixed import BASE, RowPlan, Stacks
@@ -32,6 +34,6 @@ def layer_kind(module) -> str | None:
     return kind.family if kind is not None else None
 
 
-__all__ = ["BASE", "BaseKind", "DoRA", "LoraLayer", "ParamKind", "Pools", "RowPlan", "Stacks", "TokenPlan", "Variant",
+__all__ = ["BASE", "BaseKind", "DoRA", "KaSA", "LoraLayer", "ParamKind", "Pools", "RowPlan", "Stacks", "TokenPlan", "Variant",
            "current_row_plan",
            "dense_weight", "kind_of", "layer_kind", "register", "using_row_plan"]

@@ -98,6 +98,7 @@ class LoraLayer(nn.Module):
         self.lora_A = nn.ParameterDict()  # name -> (r, in)
         self.lora_B = nn.ParameterDict()  # name -> (out, r)
         self.lora_magnitude_vector = nn.ParameterDict()  # a variant's per-row vector (DoRA: name -> (out,))
+        self.lora_diag = nn.ParameterDict()  # KaSA's learnable diagonal between A and B: name -> (r,)
         self.lora_bias = nn.ParameterDict()  # name -> (out,): B's bias, PEFT's lora_bias=True (saved as lora_B.bias)
         self.lora_dropout = nn.ModuleDict()
         self.r: dict[str, int] = {}
@@ -189,7 +190,7 @@ class LoraLayer(nn.Module):
             self.variants[name] = variant
             variant.added(self, name)
         if upcast and dtype in (torch.float16, torch.bfloat16):
-            for store in (self.lora_A, self.lora_B, self.lora_magnitude_vector, self.lora_bias):
+            for store in (self.lora_A, self.lora_B, self.lora_magnitude_vector, self.lora_bias, self.lora_diag):
                 if name in store:
                     store[name].data = store[name].data.float()
 
@@ -230,7 +231,8 @@ class LoraLayer(nn.Module):
     def delete(self, name: str) -> None:
         if name in self.merged_adapters:
             raise LorakitError(f"adapter {name!r} is merged; unmerge it before deleting")
-        for store in (self.lora_A, self.lora_B, self.lora_magnitude_vector, self.lora_bias, self.lora_dropout):
+        for store in (self.lora_A, self.lora_B, self.lora_magnitude_vector, self.lora_bias, self.lora_dropout,
+                      self.lora_diag):
             if name in store:  # ParameterDict.pop takes no default
                 del store[name]
         for store in (self.r, self.scaling, self.variants):
@@ -262,6 +264,8 @@ class LoraLayer(nn.Module):
         low_cpu = A.device.type == "cpu" and A.dtype in (torch.float16, torch.bfloat16)
         if low_cpu:
             A, B = A.float(), B.float()
+        if name in self.lora_diag:  # KaSA: s·(B·diag(d))·A
+            B = B * self.lora_diag[name].to(B.dtype)
         if self.kind == "conv":
             delta = self.base_kind.lora_delta(self.base_layer, A, B, self._label()) * self.scaling[name]
         else:

@@ -92,6 +92,9 @@ class LoraModel(nn.Module):
     def unload(self) -> nn.Module:
         return manage.unload(self.model)
 
+    def _get_kasa_loss(self, adapter_names: str | list[str] | None = None):
+        return manage.kasa_loss(self.model, adapter_names)
+
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)

@@ -18,8 +18,8 @@ from ..config import LoraConfig
 from ..errors import LorakitError
 
 IncompatibleKeys = collections.namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
-_WRAPPER_INFIXES = (".base_layer", ".original_module")  # what wrapping adds to a base parameter's name
-_ADAPTER_PARTS = (".lora_", ".modules_to_save.")  # names of adapter tensors (never base ones)
+_WRAPPER_INFIXES = (".token_adapter", ".base_layer", ".original_module")  # what wrapping adds to a base parameter's name
+_ADAPTER_PARTS = (".lora_", ".modules_to_save.", ".trainable_tokens_")  # names of adapter tensors (never base ones)
 
 
 def _split(model: nn.Module) -> tuple[nn.Module, str]:

@@ -92,6 +92,10 @@ def read_for_serving(path: Path) -> tuple[LoraConfig, dict]:
         problems.append(f"it trains biases (bias={config.bias!r}), which would change the base for everyone")
     if config.modules_to_save:
         problems.append(f"it replaces whole modules (modules_to_save={config.modules_to_save})")
+    if config.kasa_config is not None:
+        problems.append("it is KaSA, which truncates the base weights (merge it into a model instead)")
+    if config.trainable_token_indices is not None:
+        problems.append("it replaces embedding rows (trainable_token_indices) for everyone (merge it instead)")
     files.refuse_non_finite(path, tensors)
     LorakitError.collect(problems, f"adapter {path.name!r} cannot be served:")
     return config, tensors

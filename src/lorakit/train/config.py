@@ -49,6 +49,7 @@ class LoraSection:
     init: Any = True  # True | "gaussian" | "pissa"
     quantize: str = "none"  # none | nf4 | fp4 | int8 (QLoRA)
     modules_to_save: list | None = None
+    trainable_token_indices: Any = None  # token ids whose embedding rows train (new special tokens), or {module: ids}
 
 
 @dataclass
@@ -290,7 +291,8 @@ def _type_problems(cfg: RunConfig) -> list[tuple[str, str]]:
 _LORA_KEYS = {"r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
               "target_modules": "lora.target_modules", "init_lora_weights": "lora.init",
               "modules_to_save": "lora.modules_to_save", "use_rslora": "lora.rslora", "use_dora": "lora.variant",
-              "lora_fa": "lora.variant", "base_model_name_or_path": "model"}
+              "lora_fa": "lora.variant", "base_model_name_or_path": "model",
+              "trainable_token_indices": "lora.trainable_token_indices"}
 
 
 def _placement_problems(m: ModelKwargsSection) -> list[tuple[str, str]]:
@@ -402,6 +404,7 @@ def _lora_fields(cfg: RunConfig, base_model_name: str | None = None) -> dict:
     return dict(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules,
                 use_dora=lo.variant == "dora", lora_fa=lo.variant == "lora_fa", use_rslora=lo.rslora,
                 init_lora_weights=lo.init, modules_to_save=lo.modules_to_save, task_type="CAUSAL_LM",
+                trainable_token_indices=lo.trainable_token_indices,
                 base_model_name_or_path=base_model_name or cfg.model)
 
 
