@@ -16,7 +16,8 @@ from torch import nn
 
 from ..config import ALL_LINEAR, LoraConfig
 from ..errors import LorakitError
-from ..layers import DoRA, LoraLayer
+from ..layers import LoraLayer
+from . import variants
 from .inject import (ModulesToSave, find_parameter_targets, find_targets, layer_kind, resolve_targets, unwrap, wrap,
                      wrap_modules_to_save)
 from .placement import compute_device
@@ -71,11 +72,12 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", act
         config = config.replace(target_modules=sorted(targets))
     if any(layer_kind(model.get_submodule(t)) == "conv1d" for t in targets) and not config.fan_in_fan_out:
         config = config.replace(fan_in_fan_out=True)  # as PEFT does for GPT-2's Conv1D
-    for target, parameter in [(t, None) for t in targets] + param_targets:  # PEFT: modules, then parameters
+    placed = [(t, None) for t in targets] + param_targets  # PEFT: modules, then parameters
+    chosen = [variants.choose(config, target, config.rank_for(target)) for target, _ in placed]  # errors first
+    for (target, parameter), (variant, init) in zip(placed, chosen):
         layer = wrap(model, target, parameter)
         layer.add(name, r=config.rank_for(target), scaling=config.scaling_for(target),
-                  dropout=config.lora_dropout, init=config.init_lora_weights,
-                  variant=DoRA() if config.use_dora else None, upcast=autocast_adapter_dtype,
+                  dropout=config.lora_dropout, init=init, variant=variant, upcast=autocast_adapter_dtype,
                   bias=config.lora_bias, meta=low_cpu_mem_usage, device=compute_device(layer.base_layer))
         if config.lora_fa:  # LoRA-FA (Zhang et al. 2023): A stays at its random init; only B trains
             layer.lora_A[name].requires_grad_(False)
@@ -119,9 +121,11 @@ def set_trainable(model: nn.Module, name: str, flag: bool) -> None:
     A stays frozen for LoRA-FA."""
     fa = configs(model)[name].lora_fa if name in configs(model) else False
     for _, layer in lora_layers(model):
+        frozen = [getattr(layer, s) for s in getattr(layer.variants.get(name), "frozen", ())]  # MiCA's B
         for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector, layer.lora_bias):
             if name in store:
-                store[name].requires_grad_(flag and not (fa and store is layer.lora_A))
+                store[name].requires_grad_(flag and not (fa and store is layer.lora_A)
+                                           and not any(store is f for f in frozen))
     for _, mod in _saved_modules(model):
         if name in mod.modules_to_save:
             mod.modules_to_save[name].requires_grad_(flag)

@@ -8,6 +8,8 @@
     param.py      LoRA on one nn.Parameter of a module (PEFT's target_parameters)
     bnb.py        bitsandbytes 4/8-bit base kinds, registered like any other
     dora.py       DoRA (linear, conv, embedding) as a variant object that owns its caches
+    bdlora.py     BD-LoRA: a block-diagonal A or B (PEFT's BlockDiagonalLinear storage), a variant object
+    mica.py       MiCA: B from the base weight's minor singular vectors, frozen; a variant object
     mixed.py      per-row adapters in one forward (RowPlan, the stacked and segment paths)
     tokens.py     per-token adapters in one flat (1, N) forward (TokenPlan, for serving steps)
     pool.py       slot pools: per layer and rank, adapters packed in slots (gathered per token)
@@ -17,9 +19,11 @@
 
 from . import bnb  # noqa: F401  (registers the bitsandbytes base kinds)
 from .bases import BaseKind, dense_weight, kind_of, register
+from .bdlora import BdLora
 from .dora import DoRA
 from .fused import _LoraLinear  # noqa: F401  (old import path: lorakit.layers._LoraLinear)
 from .layer import LoraLayer, Variant, current_row_plan, using_row_plan
+from .mica import MiCA
 from .mixed import BASE, RowPlan, Stacks
 from .param import ParamKind
 from .pool import Pools
@@ -32,6 +36,6 @@ def layer_kind(module) -> str | None:
     return kind.family if kind is not None else None
 
 
-__all__ = ["BASE", "BaseKind", "DoRA", "LoraLayer", "ParamKind", "Pools", "RowPlan", "Stacks", "TokenPlan", "Variant",
+__all__ = ["BASE", "BaseKind", "BdLora", "DoRA", "LoraLayer", "MiCA", "ParamKind", "Pools", "RowPlan", "Stacks", "TokenPlan", "Variant",
            "current_row_plan",
            "dense_weight", "kind_of", "layer_kind", "register", "using_row_plan"]
