@@ -15,7 +15,7 @@ from torch import nn
 import lorakit
 from lorakit import BdLoraConfig, LoraConfig, LorakitError
 from lorakit.layers.bdlora import block_dense, block_linear
-from conftest import tiny_llama
+from conftest import tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
 from peft.tuners.lora.config import BdLoraConfig as PeftBdLoraConfig  # noqa: E402
@@ -111,6 +111,7 @@ def test_llama_training_matches_peft(ids):
     _assert_same_params(theirs, ours)
     for model in (theirs, ours):
         model.train()
+        torch.manual_seed(7)  # the same dropout masks in both
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         for _ in range(3):
             model(input_ids=ids, labels=ids).loss.backward()
@@ -209,11 +210,14 @@ def test_config_refuses_what_peft_cannot_do(kwargs, match):
         BdLoraConfig(nblocks=0)
 
 
-def test_embedding_targets_are_refused():
-    model = tiny_llama()
-    with pytest.raises(LorakitError, match="linear layers only"):
-        lorakit.get_peft_model(model, LoraConfig(target_modules=["embed_tokens"],
-                                                 use_bdlora=BdLoraConfig(target_modules_bd_b=["embed"])))
+def test_embedding_and_conv1d_targets_are_refused():
+    """PEFT has no BD-LoRA for embeddings, and its BD-LoRA fails on GPT-2's Conv1D (no in/out_features)."""
+    with pytest.raises(LorakitError, match="nn.Linear layers only"):
+        lorakit.get_peft_model(tiny_llama(), LoraConfig(target_modules=["embed_tokens"],
+                                                        use_bdlora=BdLoraConfig(target_modules_bd_b=["embed"])))
+    with pytest.raises(LorakitError, match="nn.Linear layers only"):
+        lorakit.get_peft_model(tiny_gpt2(), LoraConfig(target_modules=["c_attn"],
+                                                       use_bdlora=BdLoraConfig(target_modules_bd_a=["c_attn"])))
 
 
 def test_config_file_form_is_peft_s():
@@ -224,3 +228,24 @@ def test_config_file_form_is_peft_s():
     assert peft.LoraConfig(**{k: v for k, v in d.items() if k in peft.LoraConfig.__dataclass_fields__}
                            ).use_bdlora.nblocks == 2
     assert LoraConfig.from_dict(d).use_bdlora == cfg.use_bdlora
+
+
+def test_bf16_base_matches_peft(ids):
+    """On a bf16 base the block-diagonal factor is drawn in bf16, then kept in fp32 (autocast_adapter_dtype)."""
+    kw, bd = dict(target_modules=["q_proj", "o_proj"], r=4), dict(target_modules_bd_a=["o_proj"],
+                                                                    target_modules_bd_b=["q_proj"], nblocks=2)
+    theirs, ours = _pair(lambda: tiny_llama().to(torch.bfloat16), {**kw, "use_bdlora": PeftBdLoraConfig(**bd)},
+                         {**kw, "use_bdlora": bd})
+    _assert_same_params(theirs, ours)
+    assert all(p.dtype == torch.float32 for p in _lora_params(ours).values())
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-3, rtol=0)
+        theirs.merge_adapter(), ours.merge_adapter()
+        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-3, rtol=0)
+
+
+def test_combining_bdlora_adapters_is_refused():
+    model = lorakit.get_peft_model(MLP(), LoraConfig(target_modules=["lin0"], use_bdlora=dict(target_modules_bd_a=["lin0"])))
+    model.add_adapter("other", LoraConfig(target_modules=["lin0"]))
+    with pytest.raises(LorakitError, match="BD-LoRA"):
+        model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix", combination_type="linear")

@@ -52,8 +52,8 @@ class BdLora(Variant):
         self.side, self.nblocks, self.r = side, nblocks, r
 
     def check(self, layer: nn.Module) -> None:
-        if layer.kind not in ("linear", "conv1d") or layer.base_kind.quantized:
-            raise LorakitError(f"BD-LoRA (use_bdlora) is supported for linear layers only (as in PEFT), not "
+        if layer.kind != "linear" or layer.base_kind.quantized:  # PEFT's BD-LoRA fails on GPT-2's Conv1D too
+            raise LorakitError(f"BD-LoRA (use_bdlora) is supported for nn.Linear layers only (as in PEFT), not "
                                f"{layer._label()}; leave this module out of target_modules or of use_bdlora")
         k = self.nblocks
         sides = {"A": (("in_features", layer.in_features), ("r", self.r)),
