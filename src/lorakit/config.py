@@ -215,8 +215,8 @@ class LoraConfig:
             p.append(("modules_to_save", f"modules_to_save must be a list of module names (got {self.modules_to_save!r})"))
         init = self.init_lora_weights
         if not (init in _INIT_CHOICES or (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init))):
-            p.append(("init_lora_weights", f"init_lora_weights must be one of True, False, 'gaussian', 'pissa', 'mica', "
-                      f"'pissa_niter_K' (got {init!r}); lorakit does not implement other PEFT initialisations"))
+            p.append(("init_lora_weights", f"init_lora_weights must be one of True, False, 'gaussian', 'mica', "
+                      f"'pissa', 'pissa_niter_K' (got {init!r}); lorakit does not implement other PEFT initialisations"))
         if self.task_type not in _TASK_TYPES:
             p.append(("task_type", f"task_type {self.task_type!r} is unknown; use one of {[t for t in _TASK_TYPES if t]}"))
         for key, value in self.rank_pattern.items():
@@ -344,7 +344,8 @@ def _variant_problems(config: "LoraConfig") -> list[tuple[str, str]]:
         return [("use_bdlora", f"use_bdlora must be a BdLoraConfig (or its dict form) or None (got {bd!r})")]
     on = [name for name, flag in (("use_dora", config.use_dora is True), ("use_bdlora", bd is not None),
                                   ("init_lora_weights='mica'", config.init_lora_weights == "mica")) if flag]
-    p = [(on[1], f"{' and '.join(on)} cannot be combined (PEFT has no such variant); choose one")] if len(on) > 1 else []
+    p = [(on[1], f"{' and '.join(on)} cannot be combined (PEFT has no such variant); choose one")
+         ] if len(on) > 1 else []
     if bd is not None and config.lora_bias is True:
         p.append(("lora_bias", "use_bdlora cannot be combined with lora_bias=True in lorakit; set lora_bias=False"))
     if config.init_lora_weights == "mica" and config.lora_fa is True:

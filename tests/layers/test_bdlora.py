@@ -139,7 +139,7 @@ def test_files_load_both_ways(tmp_path, ids):
     theirs.save_pretrained(tmp_path / "peft")
     ours.save_pretrained(tmp_path / "ours")
     from safetensors.torch import load_file
-    a, b = load_file(tmp_path / "peft" / "adapter_model.safetensors"), load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    a, b = (load_file(tmp_path / who / "adapter_model.safetensors") for who in ("peft", "ours"))
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
     # ours -> PEFT
     loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours")
@@ -245,7 +245,8 @@ def test_bf16_base_matches_peft(ids):
 
 
 def test_combining_bdlora_adapters_is_refused():
-    model = lorakit.get_peft_model(MLP(), LoraConfig(target_modules=["lin0"], use_bdlora=dict(target_modules_bd_a=["lin0"])))
+    bd = dict(target_modules_bd_a=["lin0"])
+    model = lorakit.get_peft_model(MLP(), LoraConfig(target_modules=["lin0"], use_bdlora=bd))
     model.add_adapter("other", LoraConfig(target_modules=["lin0"]))
     with pytest.raises(LorakitError, match="BD-LoRA"):
         model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix", combination_type="linear")

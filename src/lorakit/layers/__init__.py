@@ -36,6 +36,7 @@ def layer_kind(module) -> str | None:
     return kind.family if kind is not None else None
 
 
-__all__ = ["BASE", "BaseKind", "BdLora", "DoRA", "LoraLayer", "MiCA", "ParamKind", "Pools", "RowPlan", "Stacks", "TokenPlan", "Variant",
+__all__ = ["BASE", "BaseKind", "BdLora", "DoRA", "LoraLayer", "MiCA",
+           "ParamKind", "Pools", "RowPlan", "Stacks", "TokenPlan", "Variant",
            "current_row_plan",
            "dense_weight", "kind_of", "layer_kind", "register", "using_row_plan"]

@@ -276,7 +276,8 @@ class LoraLayer(nn.Module):
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Adapter `name`'s A (r, in) and B (out, r) as dense matrices (what ΔW = s·B·A is made of)."""
-        return self.variants[name].factors(self, name) if name in self.variants else (self.lora_A[name], self.lora_B[name])
+        variant = self.variants.get(name)
+        return variant.factors(self, name) if variant else (self.lora_A[name], self.lora_B[name])
 
     def live_adapters(self) -> list[str]:
         """The active adapters that run in forward: present in this layer and not merged."""
