@@ -70,12 +70,14 @@ class BdLoraConfig:
         LorakitError.collect(bdlora_problems(self), "Invalid BdLoraConfig:")
 
     @classmethod
-    def coerce(cls, value: Any) -> "BdLoraConfig":
-        """From a dict (adapter_config.json) or any object with these fields (PEFT's own BdLoraConfig)."""
-        if isinstance(value, cls):
+    def coerce(cls, value: Any) -> Any:
+        """From a dict (adapter_config.json) or any object with these fields (PEFT's own BdLoraConfig);
+        anything else is returned as it is (LoraConfig's validation names it)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        if isinstance(value, cls) or not (isinstance(value, dict) or all(hasattr(value, n) for n in names)):
             return value
         if not isinstance(value, dict):
-            value = {f.name: getattr(value, f.name) for f in dataclasses.fields(cls) if hasattr(value, f.name)}
+            value = {n: getattr(value, n) for n in names}
         return cls(**{f.name: value[f.name] for f in dataclasses.fields(cls) if f.name in value})
 
 
@@ -183,7 +185,7 @@ class LoraConfig:
             self.task_type = TaskType(self.task_type.upper())
         if isinstance(self.peft_type, str) and self.peft_type in PeftType.__members__:
             self.peft_type = PeftType(self.peft_type)
-        if self.use_bdlora is not None and not isinstance(self.use_bdlora, (bool, str, int, float)):
+        if self.use_bdlora is not None:
             self.use_bdlora = BdLoraConfig.coerce(self.use_bdlora)  # PEFT's BdLoraConfig or a dict from a file
 
     def problems(self) -> list[str]:

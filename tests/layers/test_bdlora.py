@@ -208,6 +208,8 @@ def test_config_refuses_what_peft_cannot_do(kwargs, match):
         BdLoraConfig(target_modules_bd_a=["lin0"], target_modules_bd_b=["lin0"])
     with pytest.raises(LorakitError, match="nblocks"):
         BdLoraConfig(nblocks=0)
+    with pytest.raises(LorakitError, match="must be a BdLoraConfig"):
+        LoraConfig(target_modules=["lin0"], use_bdlora=["lin0"])
 
 
 def test_embedding_and_conv1d_targets_are_refused():
