@@ -26,7 +26,7 @@ from .adapters import (
     unmerge,
 )
 from .combine import CombineReport, add_weighted_adapter, combine_adapter_dirs, combine_adapters, negate_adapter
-from .config import LoraConfig
+from .config import BdLoraConfig, LoraConfig
 from .errors import LorakitError
 from .layers import LoraLayer
 from .models import compile_layers, enable_checkpointing, load_model
@@ -56,6 +56,7 @@ _compat.install()
 
 __version__ = "0.1.0"
 __all__ = [
+    "BdLoraConfig",
     "CombineReport",
     "LoraConfig",
     "LoraLayer",

@@ -41,15 +41,56 @@ class TaskType(str, enum.Enum):
 
 
 ALL_LINEAR = "all-linear"
-_INIT_CHOICES = (True, False, "gaussian", "pissa")
+_INIT_CHOICES = (True, False, "gaussian", "pissa", "mica")
 _TASK_TYPES = (None, "CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 # PEFT fields whose features lorakit does not implement: (name, value that means "off").
 _UNSUPPORTED_OFF = {
     "megatron_config": None, "eva_config": None, "corda_config": None,
     "lora_ga_config": None, "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False,
     "monteclora_config": None, "layer_replication": None,
-    "use_bdlora": None, "arrow_config": None, "runtime_config": None,
+    "arrow_config": None, "runtime_config": None,
 }
+
+
+@dataclass
+class BdLoraConfig:
+    """PEFT's BD-LoRA settings (LoraConfig.use_bdlora): which targets get a block-diagonal A or B.
+
+    A pattern matches a target when it is a substring of the module's full name (PEFT's rule). nblocks:
+    blocks per block-diagonal factor (it divides r and the factor's other side). match_strict: every target
+    must match one of the lists.
+    """
+
+    target_modules_bd_a: list[str] | None = None
+    target_modules_bd_b: list[str] | None = None
+    nblocks: int = 1
+    match_strict: bool = True
+
+    def __post_init__(self):
+        LorakitError.collect(bdlora_problems(self), "Invalid BdLoraConfig:")
+
+    @classmethod
+    def coerce(cls, value: Any) -> Any:
+        """From a dict (adapter_config.json) or any object with these fields (PEFT's own BdLoraConfig);
+        anything else is returned as it is (LoraConfig's validation names it)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        if isinstance(value, cls) or not (isinstance(value, dict) or all(hasattr(value, n) for n in names)):
+            return value
+        if not isinstance(value, dict):
+            value = {n: getattr(value, n) for n in names}
+        return cls(**{f.name: value[f.name] for f in dataclasses.fields(cls) if f.name in value})
+
+
+def bdlora_problems(bd: BdLoraConfig) -> list[str]:
+    p = [f"BdLoraConfig.{name} must be a list of module name parts (got {v!r})"
+         for name in ("target_modules_bd_a", "target_modules_bd_b") if (v := getattr(bd, name)) is not None
+         and not (isinstance(v, (list, tuple, set)) and all(isinstance(t, str) for t in v))]
+    if not isinstance(bd.nblocks, int) or isinstance(bd.nblocks, bool) or bd.nblocks <= 0:
+        p.append(f"BdLoraConfig.nblocks must be a positive integer (got {bd.nblocks!r})")
+    if not p and set(bd.target_modules_bd_a or []) & set(bd.target_modules_bd_b or []):
+        p.append(f"BdLoraConfig: {sorted(set(bd.target_modules_bd_a) & set(bd.target_modules_bd_b))} are in both "
+                 "target_modules_bd_a and target_modules_bd_b; a module's A or B is block-diagonal, not both")
+    return p
 
 
 @dataclass(init=False)
@@ -148,6 +189,8 @@ class LoraConfig:
             self.kasa_config = dataclasses.asdict(self.kasa_config)  # PEFT's KasaConfig -> its file form
         if isinstance(self.kasa_config, dict):
             self.kasa_config = {"beta": 1e-4, "gamma": 1e-3, **self.kasa_config}  # PEFT's defaults
+        if self.use_bdlora is not None:
+            self.use_bdlora = BdLoraConfig.coerce(self.use_bdlora)  # PEFT's BdLoraConfig or a dict from a file
 
     def problems(self) -> list[str]:
         """Every problem the config has on its own (no model needed)."""
@@ -178,8 +221,8 @@ class LoraConfig:
             p.append(("modules_to_save", f"modules_to_save must be a list of module names (got {self.modules_to_save!r})"))
         init = self.init_lora_weights
         if not (init in _INIT_CHOICES or (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init))):
-            p.append(("init_lora_weights", f"init_lora_weights must be one of True, False, 'gaussian', 'pissa', "
-                      f"'pissa_niter_K' (got {init!r}); lorakit does not implement other PEFT initialisations"))
+            p.append(("init_lora_weights", f"init_lora_weights must be one of True, False, 'gaussian', 'mica', "
+                      f"'pissa', 'pissa_niter_K' (got {init!r}); lorakit does not implement other PEFT initialisations"))
         if self.task_type not in _TASK_TYPES:
             p.append(("task_type", f"task_type {self.task_type!r} is unknown; use one of {[t for t in _TASK_TYPES if t]}"))
         for key, value in self.rank_pattern.items():
@@ -201,6 +244,7 @@ class LoraConfig:
         p += [("trainable_token_indices", m) for m in _token_indices_problems(self.trainable_token_indices)]
         if self.use_dora is True and self.lora_fa is True:
             p.append(("use_dora", "use_dora and lora_fa cannot be combined; choose one variant"))
+        p += [(name, m) for name, m in _variant_problems(self)]
         return p
 
     # -- per-module values ---------------------------------------------------------------------------
@@ -224,6 +268,8 @@ class LoraConfig:
              if f.name not in ("lora_fa", "runtime_config")}
         d["inference_mode"] = True  # PEFT writes saved adapters in inference mode
         d.update({k: d[k].value for k in ("task_type", "peft_type") if isinstance(d[k], enum.Enum)})
+        if isinstance(d["use_bdlora"], BdLoraConfig):  # PEFT writes the nested config as a dict (asdict)
+            d["use_bdlora"] = dataclasses.asdict(d["use_bdlora"])
         return d
 
     @classmethod
@@ -299,6 +345,24 @@ def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _variant_problems(config: "LoraConfig") -> list[tuple[str, str]]:
+    """At most one variant per adapter, as PEFT ("Invalid or unsupported variant combination")."""
+    bd = config.use_bdlora
+    if bd is not None and not isinstance(bd, BdLoraConfig):
+        return [("use_bdlora", f"use_bdlora must be a BdLoraConfig (or its dict form) or None (got {bd!r})")]
+    on = [name for name, flag in (("use_dora", config.use_dora is True), ("use_bdlora", bd is not None),
+                                  ("init_lora_weights='mica'", config.init_lora_weights == "mica"),
+                                  ("kasa_config", config.kasa_config is not None)) if flag]
+    p = [(on[1], f"{' and '.join(on)} cannot be combined (PEFT has no such variant); choose one")
+         ] if len(on) > 1 else []
+    if bd is not None and config.lora_bias is True:
+        p.append(("lora_bias", "use_bdlora cannot be combined with lora_bias=True in lorakit; set lora_bias=False"))
+    if config.init_lora_weights == "mica" and config.lora_fa is True:
+        p.append(("lora_fa", "init_lora_weights='mica' trains A only (B is frozen) and lora_fa freezes A: nothing "
+                  "would train; drop lora_fa"))
+    return p
+
+
 def _parameters_problems(config: "LoraConfig") -> list[str]:
     """target_parameters: a list of '<module>.<parameter>' names, without what PEFT's ParamWrapper refuses."""
     spec = config.target_parameters
@@ -333,7 +397,7 @@ def _kasa_problems(config: "LoraConfig") -> list[str]:
     if not isinstance(kasa, dict) or set(kasa) - {"beta", "gamma"}:
         return [f"kasa_config must be a KasaConfig or a dict with keys 'beta' and 'gamma' (got {kasa!r})"]
     p = [f"kasa_config {k} must be a number >= 0 (got {v!r})" for k, v in kasa.items() if not (_number(v) and v >= 0)]
-    others = [n for n, on in (("use_dora", config.use_dora is True), ("lora_fa", config.lora_fa is True),
+    others = [n for n, on in (("lora_fa", config.lora_fa is True),
                               ("lora_bias", config.lora_bias is True)) if on]
     if others:
         p.append(f"kasa_config cannot be combined with {', '.join(others)}; choose one variant")

@@ -160,7 +160,7 @@ def test_config_round_trips_in_peft_form(tmp_path):
 
 @pytest.mark.parametrize("kw, message", [
     (dict(target_modules=["lin0"], r=10), "KaSA requires r"),  # r == min(in, out) = 10
-    (dict(target_modules=["lin0"], r=4, use_dora=True), "cannot be combined with use_dora"),
+    (dict(target_modules=["lin0"], r=4, use_dora=True), "use_dora and kasa_config cannot be combined"),
     (dict(target_modules=["lin0"], r=4, lora_bias=True), "cannot be combined with lora_bias"),
     (dict(target_modules=["lin0"], r=4, init_lora_weights="pissa"), "cannot be combined with init_lora_weights"),
 ])

@@ -202,7 +202,9 @@ def attach_adapter(model: nn.Module, config: LoraConfig, tensors: dict, director
                    autocast_adapter_dtype: bool = True) -> nn.Module:
     """Add adapter `name` from what read_adapter(directory) returned (a server reads files off its
     engine thread and attaches between steps)."""
-    init_config = config.replace(init_lora_weights=False, inference_mode=not is_trainable)
+    # no init draws, the file's values replace them; MiCA keeps its init, which makes its variant (B frozen), as PEFT
+    init = "mica" if config.init_lora_weights == "mica" else False
+    init_config = config.replace(init_lora_weights=init, inference_mode=not is_trainable)
     state = _strip_prefix(tensors)
     try:
         manage.add_adapter(model, init_config, name, activate=activate, autocast_adapter_dtype=autocast_adapter_dtype)

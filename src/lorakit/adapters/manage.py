@@ -16,8 +16,9 @@ from torch import nn
 
 from ..config import ALL_LINEAR, LoraConfig
 from ..errors import LorakitError
-from ..layers import DoRA, KaSA, LoraLayer
+from ..layers import LoraLayer
 from ..layers.kasa import kasa_loss as _layer_kasa_loss
+from . import variants
 from .inject import (ModulesToSave, find_parameter_targets, find_targets, layer_kind, resolve_targets, unwrap, wrap,
                      wrap_modules_to_save)
 from . import trainable_tokens as tokens
@@ -74,11 +75,12 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", act
         config = config.replace(target_modules=sorted(targets))
     if any(layer_kind(model.get_submodule(t)) == "conv1d" for t in targets) and not config.fan_in_fan_out:
         config = config.replace(fan_in_fan_out=True)  # as PEFT does for GPT-2's Conv1D
-    for target, parameter in [(t, None) for t in targets] + param_targets:  # PEFT: modules, then parameters
+    placed = [(t, None) for t in targets] + param_targets  # PEFT: modules, then parameters
+    chosen = [variants.choose(config, target, config.rank_for(target)) for target, _ in placed]  # errors first
+    for (target, parameter), (variant, init) in zip(placed, chosen):
         layer = wrap(model, target, parameter)
         layer.add(name, r=config.rank_for(target), scaling=config.scaling_for(target),
-                  dropout=config.lora_dropout, init=config.init_lora_weights,
-                  variant=_variant(config), upcast=autocast_adapter_dtype,
+                  dropout=config.lora_dropout, init=init, variant=variant, upcast=autocast_adapter_dtype,
                   bias=config.lora_bias, meta=low_cpu_mem_usage, device=compute_device(layer.base_layer))
         if config.lora_fa:  # LoRA-FA (Zhang et al. 2023): A stays at its random init; only B trains
             layer.lora_A[name].requires_grad_(False)
@@ -93,11 +95,6 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", act
     else:
         set_trainable(model, name, False)
     return model
-
-
-def _variant(config: LoraConfig):
-    """The variant object of one adapter in one layer (None: plain LoRA)."""
-    return DoRA() if config.use_dora else KaSA() if config.kasa_config is not None else None
 
 
 def _check_kasa(model: nn.Module, config: LoraConfig, name: str) -> None:
@@ -139,9 +136,11 @@ def set_trainable(model: nn.Module, name: str, flag: bool) -> None:
     A stays frozen for LoRA-FA."""
     fa = configs(model)[name].lora_fa if name in configs(model) else False
     for _, layer in lora_layers(model):
+        frozen = [getattr(layer, s) for s in getattr(layer.variants.get(name), "frozen", ())]  # MiCA's B
         for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector, layer.lora_bias, layer.lora_diag):
             if name in store:
-                store[name].requires_grad_(flag and not (fa and store is layer.lora_A))
+                store[name].requires_grad_(flag and not (fa and store is layer.lora_A)
+                                           and not any(store is f for f in frozen))
     for _, mod in _saved_modules(model):
         if name in mod.modules_to_save:
             mod.modules_to_save[name].requires_grad_(flag)

@@ -161,6 +161,10 @@ def check_kinds(names: list[str], cfgs: dict[str, LoraConfig], method: str) -> l
     if dora and canonical(method) == "cat":
         problems.append(f"{dora} are DoRA adapters, which 'cat' cannot combine exactly (their effect is not "
                         "low-rank): use method='linear' (an SVD of their effective deltas) with a rank")
+    blocks = [n for n in names if cfgs[n].use_bdlora is not None]
+    if blocks:
+        problems.append(f"{blocks} are BD-LoRA adapters (a block-diagonal factor), which combining would not keep "
+                        "block-diagonal: combine plain LoRA adapters, or merge these ones")
     saved = [n for n in names if cfgs[n].modules_to_save]
     if saved:
         problems.append(f"{saved} have modules_to_save (full module copies, not low-rank deltas), which cannot be "

@@ -91,8 +91,7 @@ def lora_pairs(model: nn.Module, name: str = "default", layout: Layout | None = 
         if target == "output.weight" and layout.tied:
             problems.append(f"{module} (lm_head) is tied to the input embedding in this model")
             continue
-        A = layer.lora_A[name].detach().float().cpu().numpy()
-        B = layer.lora_B[name].detach().float().cpu().numpy()
+        A, B = (t.detach().float().cpu().numpy() for t in layer.factors(name))  # dense (BD-LoRA's blocks too)
         pairs.append(LoraPair(target, np.ascontiguousarray(A), layout.to_gguf_rows(module, B),
                               float(layer.scaling[name])))
     if problems:

@@ -9,6 +9,8 @@
     bnb.py        bitsandbytes 4/8-bit base kinds, registered like any other
     dora.py       DoRA (linear, conv, embedding) as a variant object that owns its caches
     kasa.py       KaSA: the base weight's SVD truncated at init, a learnable diagonal between A and B
+    bdlora.py     BD-LoRA: a block-diagonal A or B (PEFT's BlockDiagonalLinear storage), a variant object
+    mica.py       MiCA: B from the base weight's minor singular vectors, frozen; a variant object
     mixed.py      per-row adapters in one forward (RowPlan, the stacked and segment paths)
     tokens.py     per-token adapters in one flat (1, N) forward (TokenPlan, for serving steps)
     pool.py       slot pools: per layer and rank, adapters packed in slots (gathered per token)
@@ -18,10 +20,12 @@
 
 from . import bnb  # noqa: F401  (registers the bitsandbytes base kinds)
 from .bases import BaseKind, dense_weight, kind_of, register
+from .bdlora import BdLora
 from .dora import DoRA
 from .kasa import KaSA
 from .fused import _LoraLinear  # noqa: F401  (old import path: lorakit.layers._LoraLinear)
 from .layer import LoraLayer, Variant, current_row_plan, using_row_plan
+from .mica import MiCA
 from .mixed import BASE, RowPlan, Stacks
 from .param import ParamKind
 from .pool import Pools
@@ -34,6 +38,7 @@ def layer_kind(module) -> str | None:
     return kind.family if kind is not None else None
 
 
-__all__ = ["BASE", "BaseKind", "DoRA", "KaSA", "LoraLayer", "ParamKind", "Pools", "RowPlan", "Stacks", "TokenPlan", "Variant",
+__all__ = ["BASE", "BaseKind", "BdLora", "DoRA", "KaSA", "LoraLayer", "MiCA",
+           "ParamKind", "Pools", "RowPlan", "Stacks", "TokenPlan", "Variant",
            "current_row_plan",
            "dense_weight", "kind_of", "layer_kind", "register", "using_row_plan"]

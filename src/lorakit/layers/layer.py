@@ -68,6 +68,10 @@ class Variant:
               owned: bool) -> tuple[torch.Tensor, bool]:
         raise NotImplementedError
 
+    def factors(self, layer: "LoraLayer", name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (r, in) and B (out, r) as dense matrices (BD-LoRA stores one of them as its blocks)."""
+        return layer.lora_A[name], layer.lora_B[name]
+
     def merged_weight(self, layer: "LoraLayer", name: str, W: torch.Tensor, base: torch.Tensor | None = None
                       ) -> torch.Tensor:
         """W with this adapter merged in; `base`: W without the adapters merged before it (None: W is that)."""
@@ -260,7 +264,7 @@ class LoraLayer(nn.Module):
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """s·B·A in the layout of dense_weight(); computed in fp32 on CPU for half-precision adapters."""
-        A, B = self.lora_A[name], self.lora_B[name]
+        A, B = self.factors(name)
         low_cpu = A.device.type == "cpu" and A.dtype in (torch.float16, torch.bfloat16)
         if low_cpu:
             A, B = A.float(), B.float()
@@ -273,6 +277,11 @@ class LoraLayer(nn.Module):
         if self.kind == "embedding":
             delta = delta.T  # (num_embeddings, dim)
         return delta.to(self.lora_A[name].dtype) if low_cpu else delta
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adapter `name`'s A (r, in) and B (out, r) as dense matrices (what ΔW = s·B·A is made of)."""
+        variant = self.variants.get(name)
+        return variant.factors(self, name) if variant else (self.lora_A[name], self.lora_B[name])
 
     def live_adapters(self) -> list[str]:
         """The active adapters that run in forward: present in this layer and not merged."""
