@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import ALL_LINEAR, LoraConfig
 from ..errors import LorakitError
-from ..layers import DoRA, LoraLayer
+from ..layers import DoRA, LoraLayer, Variant, VeLoRA
 from .inject import (ModulesToSave, find_parameter_targets, find_targets, layer_kind, resolve_targets, unwrap, wrap,
                      wrap_modules_to_save)
 from .placement import compute_device
@@ -75,7 +75,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", act
         layer = wrap(model, target, parameter)
         layer.add(name, r=config.rank_for(target), scaling=config.scaling_for(target),
                   dropout=config.lora_dropout, init=config.init_lora_weights,
-                  variant=DoRA() if config.use_dora else None, upcast=autocast_adapter_dtype,
+                  variant=variant_for(config), upcast=autocast_adapter_dtype,
                   bias=config.lora_bias, meta=low_cpu_mem_usage, device=compute_device(layer.base_layer))
         if config.lora_fa:  # LoRA-FA (Zhang et al. 2023): A stays at its random init; only B trains
             layer.lora_A[name].requires_grad_(False)
@@ -88,6 +88,14 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", act
     else:
         set_trainable(model, name, False)
     return model
+
+
+def variant_for(config: LoraConfig) -> Variant | None:
+    """A new variant object for one adapter of one layer, as the config asks (None: plain LoRA)."""
+    if config.velora_config is not None:
+        v = config.velora_config
+        return VeLoRA(v.num_groups, v.scale, v.init_type)
+    return DoRA() if config.use_dora else None
 
 
 def _check_bias(model: nn.Module, config: LoraConfig, name: str) -> None:

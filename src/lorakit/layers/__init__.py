@@ -8,6 +8,7 @@
     param.py      LoRA on one nn.Parameter of a module (PEFT's target_parameters)
     bnb.py        bitsandbytes 4/8-bit base kinds, registered like any other
     dora.py       DoRA (linear, conv, embedding) as a variant object that owns its caches
+    velora.py     VeLoRA: A's backward from compressed inputs (a variant object, linear layers)
     mixed.py      per-row adapters in one forward (RowPlan, the stacked and segment paths)
     tokens.py     per-token adapters in one flat (1, N) forward (TokenPlan, for serving steps)
     pool.py       slot pools: per layer and rank, adapters packed in slots (gathered per token)
@@ -24,6 +25,7 @@ from .mixed import BASE, RowPlan, Stacks
 from .param import ParamKind
 from .pool import Pools
 from .tokens import TokenPlan
+from .velora import VeLoRA
 
 
 def layer_kind(module) -> str | None:
@@ -32,6 +34,6 @@ def layer_kind(module) -> str | None:
     return kind.family if kind is not None else None
 
 
-__all__ = ["BASE", "BaseKind", "DoRA", "LoraLayer", "ParamKind", "Pools", "RowPlan", "Stacks", "TokenPlan", "Variant",
+__all__ = ["BASE", "BaseKind", "DoRA", "LoraLayer", "ParamKind", "Pools", "RowPlan", "Stacks", "TokenPlan", "Variant", "VeLoRA",
            "current_row_plan",
            "dense_weight", "kind_of", "layer_kind", "register", "using_row_plan"]
