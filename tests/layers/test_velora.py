@@ -224,3 +224,38 @@ def test_bad_velora_config_names_the_field(bad, match):
         lorakit.LoraConfig(target_modules=["lin0"], velora_config=bad)
     with pytest.raises(LorakitError, match="velora_config must be a VeloraConfig"):
         lorakit.LoraConfig(target_modules=["lin0"], velora_config="random")
+
+
+def test_a_compressing_velora_adapter_learns():
+    """Lossy compression (g = 8 features per number), the projection re-set per batch: the loss still falls."""
+    from conftest import tiny_llama
+    model = lorakit.get_peft_model(tiny_llama(), lorakit.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
+        velora_config=lorakit.VeloraConfig(num_groups=4, init_type="batch_average")))
+    torch.manual_seed(0)
+    ids = torch.randint(0, 96, (4, 12))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    model.train()
+    embed = model.base_model.model.model.layers[0].self_attn.q_proj.lora_velora_embed
+    assert embed["default"].shape == (8,) and not embed["default"].any()
+    losses = []
+    for _ in range(15):
+        optimizer.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1 and all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert torch.linalg.vector_norm(embed["default"]).item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_run_config_variant_velora_trains_and_peft_loads_it(tiny_model_dir, data_file, tmp_path):
+    from conftest import run_config
+    from lorakit.train import train
+    result = train(run_config(tiny_model_dir, data_file, tmp_path, "lora.variant=velora", "train.max_steps=3"),
+                   progress=False)
+    assert result.steps == 3
+    from transformers import AutoModelForCausalLM
+    loaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path)
+    assert loaded.peft_config["default"].velora_config == peft.VeloraConfig()
+    assert any(k.endswith("lora_velora_embed.default") for k in loaded.state_dict())
