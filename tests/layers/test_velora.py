@@ -95,6 +95,18 @@ def test_training_gradients_and_projection_updates_match_peft(init_type, dropout
     torch.testing.assert_close(ours(inputs[0]), theirs(inputs[0]), atol=1e-6, rtol=0)
 
 
+def test_lora_bias_trains_with_velora_as_in_peft():
+    theirs, ours, _ = _pair("batch_average", lora_bias=True)
+    x = torch.randn(5, 10)
+    g_theirs, g_ours = _train_steps(theirs, [x])[0], _train_steps(ours, [x])[0]
+    bias = [k for k in g_theirs if ".lora_B." in k and k.endswith(".bias")]
+    assert bias
+    for k in bias:  # lorakit keeps B's bias in lora_bias; PEFT in lora_B (an nn.Linear)
+        torch.testing.assert_close(g_ours[k.replace(".lora_B.default.bias", ".lora_bias.default")], g_theirs[k])
+    for k in (k for k in g_theirs if k.endswith(".weight") or ".lora_A." in k):
+        torch.testing.assert_close(g_ours[_ours(k)], g_theirs[k], atol=1e-5, rtol=1e-5)
+
+
 def test_a_gradient_is_approximate_and_exact_with_one_feature_per_group():
     """The compression is real (A's gradient differs from plain LoRA's, B's and the input's do not), and with
     one feature per sub-token (num_groups = in_features, v = ±1) it is lossless: plain LoRA's gradients."""

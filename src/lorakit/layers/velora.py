@@ -75,7 +75,7 @@ def unit(v: torch.Tensor) -> torch.Tensor:
 
 
 class _CompressedA(torch.autograd.Function):
-    """x·Aᵀ (+ bias) whose backward rebuilds x from its (tokens, num_groups) projection onto v."""
+    """x·Aᵀ whose backward rebuilds x from its (tokens, num_groups) projections onto v for A's gradient."""
 
     @staticmethod
     def forward(ctx, x, weight, embed, num_groups, scale):
