@@ -96,3 +96,25 @@ def test_garbage_bin_is_a_clear_error(tmp_path):
     (tmp_path / "adapter_model.bin").write_bytes(b"\x80\x04not a torch file")
     with pytest.raises(LorakitError, match="not a readable torch.save file"):
         lorakit.PeftModel.from_pretrained(copy.deepcopy(MLP()), tmp_path)
+
+
+def test_a_hub_adapter_with_only_a_bin_file_is_fetched_and_loads(tmp_path, monkeypatch):
+    """from_pretrained with a Hub id asks for the .bin too (older PEFT adapters have only that)."""
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
+    ours = lorakit.get_peft_model(_seeded(3), _config(lorakit)).eval()
+    ours.save_pretrained(tmp_path / "repo", safe_serialization=False)
+
+    def fake_download(repo_id, allow_patterns, revision=None):  # the Hub, as a folder: copies what matches
+        for f in (tmp_path / "repo").iterdir():
+            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                (tmp_path / "cache").mkdir(exist_ok=True)
+                shutil.copy(f, tmp_path / "cache" / f.name)
+        return str(tmp_path / "cache")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    x = torch.randn(2, 6)
+    loaded = lorakit.PeftModel.from_pretrained(MLP(), "someone/an-old-adapter")
+    torch.testing.assert_close(loaded(x), ours(x))
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["adapter_config.json", "adapter_model.bin"]

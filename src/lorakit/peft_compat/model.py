@@ -299,7 +299,9 @@ def _local_dir(model_id: str | Path, kwargs: dict) -> Path:
         return path
     try:
         from huggingface_hub import snapshot_download
-        local = snapshot_download(str(model_id), allow_patterns=["adapter_config.json", "*.safetensors"],
+        # *adapter_model.bin: older PEFT adapters have only that (read with weights_only=True, adapters/binfile.py)
+        local = snapshot_download(str(model_id), allow_patterns=["adapter_config.json", "*.safetensors",
+                                                                 "*adapter_model.bin"],
                                   revision=kwargs.get("revision"))
         return Path(local) / kwargs.get("subfolder", "")
     except Exception as e:
