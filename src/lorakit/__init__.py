@@ -26,7 +26,7 @@ from .adapters import (
     unmerge,
 )
 from .combine import CombineReport, add_weighted_adapter, combine_adapter_dirs, combine_adapters, negate_adapter
-from .config import BdLoraConfig, LoraConfig
+from .config import BdLoraConfig, LoraConfig, VeloraConfig
 from .errors import LorakitError
 from .layers import LoraLayer
 from .models import compile_layers, enable_checkpointing, load_model
@@ -73,6 +73,7 @@ __all__ = [
     "RunConfig",
     "TaskType",
     "TrainableTokensWrapper",
+    "VeloraConfig",
     "active_adapters",
     "adapter_rows",
     "add_adapter",

@@ -46,7 +46,7 @@ _TASK_TYPES = (None, "CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUEST
 # PEFT fields whose features lorakit does not implement: (name, value that means "off").
 _UNSUPPORTED_OFF = {
     "megatron_config": None, "eva_config": None, "corda_config": None,
-    "lora_ga_config": None, "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False,
+    "lora_ga_config": None, "alora_invocation_tokens": None, "use_qalora": False,
     "monteclora_config": None, "layer_replication": None,
     "arrow_config": None, "runtime_config": None,
 }
@@ -91,6 +91,45 @@ def bdlora_problems(bd: BdLoraConfig) -> list[str]:
         p.append(f"BdLoraConfig: {sorted(set(bd.target_modules_bd_a) & set(bd.target_modules_bd_b))} are in both "
                  "target_modules_bd_a and target_modules_bd_b; a module's A or B is block-diagonal, not both")
     return p
+
+
+@dataclass
+class VeloraConfig:
+    """PEFT's VeloraConfig (LoraConfig.velora_config): VeLoRA keeps A's input compressed for its backward.
+
+    num_groups: sub-tokens per token (each kept as one number); scale: applied to the rebuilt input;
+    init_type: how the projection vector is set, "batch_average" | "batch_average_once" | "random"
+    (layers/velora.py). Written to adapter_config.json as a dict, as PEFT writes it.
+    """
+
+    num_groups: int = 64
+    scale: float = 1.0
+    init_type: str = "batch_average"
+
+    def __post_init__(self) -> None:
+        p = []
+        if not isinstance(self.num_groups, int) or isinstance(self.num_groups, bool) or self.num_groups <= 0:
+            p.append(f"num_groups must be a positive integer (got {self.num_groups!r})")
+        if not _number(self.scale) or self.scale <= 0:
+            p.append(f"scale must be > 0 (got {self.scale!r})")
+        if self.init_type not in ("batch_average", "batch_average_once", "random"):
+            p.append(f"init_type must be 'batch_average', 'batch_average_once' or 'random' (got {self.init_type!r})")
+        LorakitError.collect([f"velora_config: {m}" for m in p], "Invalid VeloraConfig:")
+
+    @classmethod
+    def coerce(cls, value: Any) -> Any:
+        """A VeloraConfig from a dict (adapter_config.json) or an object with its fields (PEFT's); others as given."""
+        if value is None or isinstance(value, cls):
+            return value
+        names = [f.name for f in dataclasses.fields(cls)]
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - set(names))
+            if unknown:
+                raise LorakitError(f"velora_config: unknown field(s) {unknown}; VeloraConfig has {names}")
+            return cls(**value)
+        if all(hasattr(value, n) for n in names):
+            return cls(**{n: getattr(value, n) for n in names})
+        return value
 
 
 @dataclass(init=False)
@@ -173,6 +212,7 @@ class LoraConfig:
     # -- validation ------------------------------------------------------------------------------------
 
     def _normalise(self) -> None:
+        self.velora_config = VeloraConfig.coerce(self.velora_config)
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.target_parameters, (set, tuple)):
@@ -242,6 +282,12 @@ class LoraConfig:
                 p.append((name, f"{name} must be true or false (got {getattr(self, name)!r})"))
         p += [("kasa_config", m) for m in _kasa_problems(self)]
         p += [("trainable_token_indices", m) for m in _token_indices_problems(self.trainable_token_indices)]
+        if self.velora_config is not None and not isinstance(self.velora_config, VeloraConfig):
+            p.append(("velora_config", f"velora_config must be a VeloraConfig, a dict of its fields, or None (got "
+                      f"{self.velora_config!r})"))
+        elif self.velora_config is not None and self.target_parameters:
+            p.append(("velora_config", "velora_config cannot be combined with target_parameters (as in PEFT); "
+                      "choose one"))
         if self.use_dora is True and self.lora_fa is True:
             p.append(("use_dora", "use_dora and lora_fa cannot be combined; choose one variant"))
         p += [(name, m) for name, m in _variant_problems(self)]
@@ -267,6 +313,8 @@ class LoraConfig:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
              if f.name not in ("lora_fa", "runtime_config")}
         d["inference_mode"] = True  # PEFT writes saved adapters in inference mode
+        if isinstance(d["velora_config"], VeloraConfig):
+            d["velora_config"] = dataclasses.asdict(d["velora_config"])
         d.update({k: d[k].value for k in ("task_type", "peft_type") if isinstance(d[k], enum.Enum)})
         if isinstance(d["use_bdlora"], BdLoraConfig):  # PEFT writes the nested config as a dict (asdict)
             d["use_bdlora"] = dataclasses.asdict(d["use_bdlora"])
@@ -352,7 +400,8 @@ def _variant_problems(config: "LoraConfig") -> list[tuple[str, str]]:
         return [("use_bdlora", f"use_bdlora must be a BdLoraConfig (or its dict form) or None (got {bd!r})")]
     on = [name for name, flag in (("use_dora", config.use_dora is True), ("use_bdlora", bd is not None),
                                   ("init_lora_weights='mica'", config.init_lora_weights == "mica"),
-                                  ("kasa_config", config.kasa_config is not None)) if flag]
+                                  ("kasa_config", config.kasa_config is not None),
+                                  ("velora_config", config.velora_config is not None)) if flag]
     p = [(on[1], f"{' and '.join(on)} cannot be combined (PEFT has no such variant); choose one")
          ] if len(on) > 1 else []
     if bd is not None and config.lora_bias is True:

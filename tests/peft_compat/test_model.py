@@ -74,8 +74,9 @@ def test_lora_model_switches_and_from_pretrained_mode(tmp_path):
     assert torch.equal(loaded(ids).logits, with_adapter)
     result = loaded.load_adapter(tmp_path, adapter_name="other")
     assert result.missing_keys == [] and result.unexpected_keys == []
-    with pytest.raises(lorakit.LorakitError, match="safetensors only"):
-        model.save_pretrained(tmp_path / "pickle", safe_serialization=False)
+    model.save_pretrained(tmp_path / "pickle", safe_serialization=False)  # PEFT's adapter_model.bin
+    assert not (tmp_path / "pickle" / "adapter_model.safetensors").exists()
+    assert torch.equal(lorakit.PeftModel.from_pretrained(tiny_llama(), tmp_path / "pickle")(ids).logits, with_adapter)
 
 
 def test_autocast_adapter_dtype_false_keeps_the_base_dtype(tmp_path):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lorakit import LorakitError
+from lorakit import LorakitError, VeloraConfig
 from lorakit.train.config import load_run, lora_config
 
 ONE = """\
@@ -85,3 +85,5 @@ def test_lora_section_maps_to_peft_names(tmp_path):
     lc = lora_config(cfg)
     assert (lc.r, lc.lora_alpha, lc.use_dora, lc.use_rslora, lc.target_modules) == (8, 32, True, True, ["q_proj", "v_proj"])
     assert lora_config(load_run(_write(tmp_path, ONE), overrides=["lora.variant=lora_fa"])).lora_fa
+    velora = lora_config(load_run(_write(tmp_path, ONE), overrides=["lora.variant=velora"]))
+    assert velora.velora_config == VeloraConfig() and not velora.use_dora and lc.velora_config is None

@@ -7,9 +7,12 @@ An adapter folder holds adapter_config.json and adapter_model.safetensors whose 
     base_model.model.<module>.lora_magnitude_vector        DoRA, (out,)
     base_model.model.<module>.lora_diag                    KaSA, (r,)
     base_model.model.<emb>.token_adapter.trainable_tokens_delta   trainable tokens' rows, (k, dim)
+    base_model.model.<module>.lora_velora_embed            VeLoRA's projection vector, (ceil(in/groups),)
 plus biases (bias='all' / 'lora_only'), modules_to_save copies under the module's own name, and, as
-PEFT does when an embedding layer is targeted, the embedding base weights. Safetensors only: nothing
-is ever unpickled. Loading checks every key and shape first and reports all problems in one error.
+PEFT does when an embedding layer is targeted, the embedding base weights. Safetensors by default;
+PEFT's adapter_model.bin (safe_serialization=False) is written and read through binfile.py, with
+torch.load(weights_only=True), so no object is ever unpickled. Loading checks every key and shape
+first and reports all problems in one error.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from ..config import ALL_LINEAR, LoraConfig
 from ..errors import LorakitError
 from . import manage
 from . import trainable_tokens as tokens
+from .binfile import BIN_NAME, read_bin, write_bin
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -53,11 +57,17 @@ def parse_factor_key(key: str) -> tuple[str, str, bool] | None:
 
 
 def write_adapter(directory: str | Path, config: LoraConfig, tensors: dict[str, torch.Tensor],
-                  metadata: dict[str, str]) -> Path:
-    """Write adapter_model.safetensors (keys as given) and adapter_config.json, each atomically."""
+                  metadata: dict[str, str], safe_serialization: bool = True) -> Path:
+    """Write adapter_model.safetensors (keys as given) and adapter_config.json, each atomically;
+    safe_serialization=False: adapter_model.bin instead (PEFT's torch.save file; the metadata is dropped,
+    and a stale adapter_model.safetensors there is removed, since readers prefer it)."""
     directory = Path(directory)
     try:
-        atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt", **metadata}))
+        if safe_serialization:
+            atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt", **metadata}))
+        else:
+            write_bin(directory / BIN_NAME, tensors)
+            (directory / WEIGHTS_NAME).unlink(missing_ok=True)
         config.save(directory)
     except Exception as e:  # noqa: BLE001 - a full disk gets a clear error; anything else is raised as it is
         raise disk_full_error(e, directory, sum(t.nbytes for t in tensors.values())) or e
@@ -77,6 +87,9 @@ def _disk_key(mem_key: str, name: str, embedding_layers: set[str]) -> str | None
     m = re.fullmatch(rf"(.*)\.lora_diag\.{re.escape(name)}", mem_key)
     if m:  # KaSA's diagonal
         return f"{m.group(1)}.lora_diag"
+    m = re.fullmatch(rf"(.*)\.lora_velora_embed\.{re.escape(name)}", mem_key)
+    if m:  # a buffer; PEFT saves it (a BufferDict entry) under the module's key without the adapter name
+        return f"{m.group(1)}.lora_velora_embed"
     m = re.fullmatch(rf"(.*)\.lora_bias\.{re.escape(name)}", mem_key)
     if m:  # PEFT's lora_bias=True: B's bias
         return f"{m.group(1)}.lora_B.bias"
@@ -136,9 +149,10 @@ def _embedding_base_weights(model: nn.Module, state: dict, only_wrapped: bool) -
 
 def save_adapter(model: nn.Module, directory: str | Path, name: str = "default",
                  save_embedding_layers: bool | str = "auto", base_model_name_or_path: str | None = None,
-                 tensors: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write adapter `name` as adapter_config.json + adapter_model.safetensors (each file atomically).
-    tensors: the adapter's tensors under PEFT keys when already taken (gathered from a sharded model)."""
+                 tensors: dict[str, torch.Tensor] | None = None, safe_serialization: bool = True) -> Path:
+    """Write adapter `name` as adapter_config.json + adapter_model.safetensors (each file atomically;
+    safe_serialization=False: adapter_model.bin, as PEFT). tensors: the adapter's tensors under PEFT keys
+    when already taken (gathered from a sharded model)."""
     manage._check_name(model, name, must_exist=True)
     directory = Path(directory)
     config = manage.configs(model)[name]
@@ -148,7 +162,8 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str = "default",
     config = config.replace(base_model_name_or_path=base_model_name_or_path)
     if tensors is None:
         tensors = adapter_state_dict(model, name, save_embedding_layers)
-    return write_adapter(directory, config, tensors, {"lorakit": json.dumps({"lora_fa": config.lora_fa})})
+    return write_adapter(directory, config, tensors, {"lorakit": json.dumps({"lora_fa": config.lora_fa})},
+                         safe_serialization)
 
 
 def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -169,12 +184,11 @@ def read_adapter(directory: str | Path) -> tuple[LoraConfig, dict[str, torch.Ten
     if not directory.is_dir():
         raise LorakitError(f"adapter folder {str(directory)!r} does not exist")
     config = LoraConfig.load(directory)
-    path = directory / WEIGHTS_NAME
+    path = weights_path(directory)
     if not path.is_file():
-        bin_path = directory / "adapter_model.bin"
-        hint = (" It has adapter_model.bin (a pickle); lorakit never unpickles files: convert it with PEFT "
-                "(load and save_pretrained with safe_serialization=True)." if bin_path.exists() else "")
-        raise LorakitError(f"{path} not found.{hint}")
+        raise LorakitError(f"{path} not found (nor {BIN_NAME}): an adapter folder holds its tensors in one of them")
+    if path.name == BIN_NAME:
+        return config, read_bin(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -185,6 +199,13 @@ def read_adapter(directory: str | Path) -> tuple[LoraConfig, dict[str, torch.Ten
     if extras.get("lora_fa"):
         config = config.replace(lora_fa=True)
     return config, tensors
+
+
+def weights_path(directory: str | Path) -> Path:
+    """The folder's tensor file: adapter_model.safetensors, else adapter_model.bin if only that exists."""
+    directory = Path(directory)
+    bin_path = directory / BIN_NAME
+    return bin_path if not (directory / WEIGHTS_NAME).is_file() and bin_path.is_file() else directory / WEIGHTS_NAME
 
 
 def load_adapter(model: nn.Module, directory: str | Path, name: str = "default", is_trainable: bool = False,
@@ -212,7 +233,7 @@ def attach_adapter(model: nn.Module, config: LoraConfig, tensors: dict, director
         raise LorakitError(f"the adapter in {directory} does not fit this model (was it trained on another base "
                            f"model? it names {config.base_model_name_or_path!r}):\n{e}") from None
     try:
-        _copy_in(model, state, name, str(Path(directory) / WEIGHTS_NAME))
+        _copy_in(model, state, name, str(weights_path(directory)))
     except LorakitError:
         manage.delete_adapter(model, name)
         raise
@@ -230,7 +251,7 @@ def attach_adapter(model: nn.Module, config: LoraConfig, tensors: dict, director
 def load_weights(model: nn.Module, directory: str | Path, name: str = "default") -> None:
     """Copy the tensors of an adapter folder into the existing adapter `name` (e.g. to resume training)."""
     _, tensors = read_adapter(directory)
-    _copy_in(model, _strip_prefix(tensors), name, str(Path(directory) / WEIGHTS_NAME))
+    _copy_in(model, _strip_prefix(tensors), name, str(weights_path(directory)))
 
 
 def _strip_prefix(tensors: dict) -> dict:

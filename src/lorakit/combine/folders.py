@@ -93,6 +93,8 @@ def _sources(dirs, read) -> tuple[dict[str, list[Source]], dict, list[str]]:
                 module, part, embedding = parsed
                 parts.setdefault(module, {})["m" if part == "magnitude" else part] = value
                 parts[module]["kind"] = "embedding" if embedding else "linear"
+            elif key.endswith(".lora_velora_embed"):
+                continue  # VeLoRA's projection shapes training only, not ΔW; the combined adapter is plain LoRA
             elif set(key.split(".")) & set(EMBEDDING_LAYER_NAMES):
                 carried.setdefault(key, value)  # a targeted embedding's base weight, as PEFT saves it
             else:

@@ -144,7 +144,7 @@ def new_config(first: LoraConfig, fields: dict, modules: list[str]) -> LoraConfi
     """The combined adapter's config: the first adapter's, with the new rank/alpha and explicit targets."""
     return first.replace(**fields, target_modules=sorted(modules), alpha_pattern={}, exclude_modules=None,
                          layers_to_transform=None, layers_pattern=None, use_dora=False, modules_to_save=None,
-                         bias="none", init_lora_weights=True, lora_fa=False)
+                         bias="none", init_lora_weights=True, lora_fa=False, velora_config=None)
 
 
 def make_report(method, new_name, names, weights, r, infos) -> CombineReport:

@@ -11,6 +11,7 @@
     kasa.py       KaSA: the base weight's SVD truncated at init, a learnable diagonal between A and B
     bdlora.py     BD-LoRA: a block-diagonal A or B (PEFT's BlockDiagonalLinear storage), a variant object
     mica.py       MiCA: B from the base weight's minor singular vectors, frozen; a variant object
+    velora.py     VeLoRA: A's backward from compressed inputs (a variant object, linear layers)
     mixed.py      per-row adapters in one forward (RowPlan, the stacked and segment paths)
     tokens.py     per-token adapters in one flat (1, N) forward (TokenPlan, for serving steps)
     pool.py       slot pools: per layer and rank, adapters packed in slots (gathered per token)
@@ -30,6 +31,7 @@ from .mixed import BASE, RowPlan, Stacks
 from .param import ParamKind
 from .pool import Pools
 from .tokens import TokenPlan
+from .velora import VeLoRA
 
 
 def layer_kind(module) -> str | None:
@@ -39,6 +41,6 @@ def layer_kind(module) -> str | None:
 
 
 __all__ = ["BASE", "BaseKind", "BdLora", "DoRA", "KaSA", "LoraLayer", "MiCA",
-           "ParamKind", "Pools", "RowPlan", "Stacks", "TokenPlan", "Variant",
+           "ParamKind", "Pools", "RowPlan", "Stacks", "TokenPlan", "Variant", "VeLoRA",
            "current_row_plan",
            "dense_weight", "kind_of", "layer_kind", "register", "using_row_plan"]

@@ -57,6 +57,7 @@ class Variant:
     its own state (caches, merge factors). Defaults are plain LoRA's behaviour."""
 
     name = "lora"
+    lora_bias = False  # whether B may have a bias (PEFT's lora_bias) with this variant
 
     def check(self, layer: "LoraLayer") -> None:
         """Raise LorakitError if the variant cannot run on this layer (called before the adapter exists)."""
@@ -83,6 +84,12 @@ class Variant:
 
     def reset(self) -> None:
         """The base weight changed (merge, unmerge, a new base): drop anything computed from it."""
+
+    def upcast(self, layer: "LoraLayer", name: str) -> None:
+        """The adapter's tensors were upcast to fp32 (on a half-precision base): upcast the variant's own."""
+
+    def deleted(self, layer: "LoraLayer", name: str) -> None:
+        """The adapter is being deleted: drop what the variant keeps on the layer for it."""
 
 
 class LoraLayer(nn.Module):
@@ -140,6 +147,8 @@ class LoraLayer(nn.Module):
         meta: PEFT's low_cpu_mem_usage: the adapter's tensors are empty, on the meta device (no memory, no
         RNG, no init), to be assigned by loading a state dict (peft_compat.set_peft_model_state_dict).
         """
+        if variant is not None:
+            variant.check(self)
         if self.kind == "param":
             param.check(dropout, variant, bias)
         if self.kind == "mha":  # in_proj's adapter and out_proj's, in PEFT's order
@@ -151,9 +160,7 @@ class LoraLayer(nn.Module):
 
     def _add(self, name: str, r: int, scaling: float, dropout: float, init: bool | str, variant: Variant | None,
              upcast: bool, bias: bool, meta: bool, device: torch.device | None) -> None:
-        if variant is not None:
-            variant.check(self)
-        if bias and (self.kind == "embedding" or variant is not None):
+        if bias and (self.kind == "embedding" or (variant is not None and not variant.lora_bias)):
             raise LorakitError(f"lora_bias=True is not supported for {self._label()}"
                                f"{' with DoRA' if variant is not None else ''}; set lora_bias=False")
         dev, dtype = self._param_device_dtype()
@@ -197,6 +204,8 @@ class LoraLayer(nn.Module):
             for store in (self.lora_A, self.lora_B, self.lora_magnitude_vector, self.lora_bias, self.lora_diag):
                 if name in store:
                     store[name].data = store[name].data.float()
+            if variant is not None:
+                variant.upcast(self, name)
 
     def add_frozen(self, name: str, A: torch.Tensor, B: torch.Tensor, scaling: float) -> None:
         """Create plain adapter `name` from given factors A (r, in), B (out, r), frozen, drawing no random
@@ -239,8 +248,10 @@ class LoraLayer(nn.Module):
                       self.lora_diag):
             if name in store:  # ParameterDict.pop takes no default
                 del store[name]
-        for store in (self.r, self.scaling, self.variants):
+        for store in (self.r, self.scaling):
             store.pop(name, None)
+        if name in self.variants:
+            self.variants.pop(name).deleted(self, name)
         self.generation += 1
         self.active_adapters = [a for a in self.active_adapters if a != name]
         if self.kind == "mha":

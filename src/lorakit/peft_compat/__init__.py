@@ -13,7 +13,7 @@ Where lorakit differs from PEFT on purpose: docs/peft-compat.md.
 """
 
 from ..adapters import TokenWrapper as TrainableTokensWrapper  # PEFT's name of the wrapped embedding
-from ..config import PeftType, TaskType
+from ..config import PeftType, TaskType, VeloraConfig
 from .model import (LoadResult, LoraModel, PeftModel, PeftModelForCausalLM, PeftModelForFeatureExtraction,
                     PeftModelForQuestionAnswering, PeftModelForSeq2SeqLM, PeftModelForSequenceClassification,
                     PeftModelForTokenClassification, get_peft_model)
@@ -22,6 +22,7 @@ from .state import (get_base_model_state_dict, get_peft_model_state_dict, inject
 
 __all__ = ["LoadResult", "LoraModel", "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction",
            "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
-           "PeftModelForTokenClassification", "PeftType", "TaskType", "TrainableTokensWrapper", "get_base_model_state_dict",
+           "PeftModelForTokenClassification", "PeftType", "TaskType", "TrainableTokensWrapper", "VeloraConfig",
+           "get_base_model_state_dict",
            "get_peft_model", "get_peft_model_state_dict", "inject_adapter_in_model", "set_base_model_state_dict",
            "set_peft_model_state_dict"]

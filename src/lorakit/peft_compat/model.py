@@ -218,11 +218,9 @@ class PeftModel(nn.Module):
                         selected_adapters: list[str] | None = None, save_embedding_layers: bool | str = "auto",
                         **kwargs) -> None:
         """Like PEFT: 'default' goes to save_directory, any other adapter to save_directory/<name>, plus
-        the model card README.md. Safetensors only (docs/peft-compat.md)."""
+        the model card README.md. safe_serialization=False writes adapter_model.bin (torch.save), as PEFT;
+        lorakit reads such files only with torch.load(weights_only=True) (docs/peft-compat.md)."""
         model = self.get_base_model()
-        if not safe_serialization:
-            raise LorakitError("safe_serialization=False (a pickled adapter_model.bin) is not supported: lorakit "
-                               "writes and reads safetensors only, which PEFT loads too; drop the argument")
         if not self.peft_config:
             raise LorakitError("this model has no adapter to save: merge_and_unload() / unload() removed them (the "
                                "weights are in the base now); save the merged model with its own save_pretrained: "
@@ -237,7 +235,7 @@ class PeftModel(nn.Module):
             if cfg.task_type is None and cfg.auto_mapping is None:
                 self.peft_config[name] = cfg.replace(auto_mapping={
                     "base_model_class": type(model).__name__, "parent_library": type(model).__module__})
-            files.save_adapter(model, directory, name, save_embedding_layers)
+            files.save_adapter(model, directory, name, save_embedding_layers, safe_serialization=safe_serialization)
             card.write_model_card(directory, model, self.peft_config[name])
 
     def push_to_hub(self, repo_id: str, **kwargs) -> None:
@@ -304,7 +302,9 @@ def _local_dir(model_id: str | Path, kwargs: dict) -> Path:
         return path
     try:
         from huggingface_hub import snapshot_download
-        local = snapshot_download(str(model_id), allow_patterns=["adapter_config.json", "*.safetensors"],
+        # *adapter_model.bin: older PEFT adapters have only that (read with weights_only=True, adapters/binfile.py)
+        local = snapshot_download(str(model_id), allow_patterns=["adapter_config.json", "*.safetensors",
+                                                                 "*adapter_model.bin"],
                                   revision=kwargs.get("revision"))
         return Path(local) / kwargs.get("subfolder", "")
     except Exception as e:

@@ -85,6 +85,9 @@ def inside(root: Path, relative: str) -> Path:
 def read_for_serving(path: Path) -> tuple[LoraConfig, dict]:
     """An adapter folder's config and tensors, refusing what one forward cannot serve per token."""
     config, tensors = files.read_adapter(path)
+    if config.velora_config is not None:  # VeLoRA changes A's backward only: at inference it is plain LoRA
+        config = config.replace(velora_config=None)
+        tensors = {k: v for k, v in tensors.items() if not k.endswith(".lora_velora_embed")}
     problems = []
     if config.use_dora:
         problems.append("it is DoRA (serving mixes plain LoRA adapters only; merge it into a model instead)")

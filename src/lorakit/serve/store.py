@@ -26,7 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..adapters.files import WEIGHTS_NAME
+from ..adapters.files import BIN_NAME, WEIGHTS_NAME
 from ..config import CONFIG_NAME, LoraConfig
 from ..errors import LorakitError
 
@@ -34,7 +34,7 @@ from ..errors import LorakitError
 def fingerprint(path: Path) -> tuple | None:
     """(mtime_ns, size, inode) of the config and the weights; None when the folder has no config."""
     out = []
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
+    for name in (CONFIG_NAME, WEIGHTS_NAME, BIN_NAME):  # a folder may hold its tensors in either file
         try:
             st = os.stat(path / name)
         except OSError:

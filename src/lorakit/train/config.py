@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from ..config import LoraConfig
+from ..config import LoraConfig, VeloraConfig
 from ..errors import LorakitError
 from ..models.quantize import QUANT_KINDS
 from .optim import OPTIMIZERS
@@ -44,7 +44,7 @@ class LoraSection:
     alpha: float = 32
     dropout: float = 0.0
     target_modules: Any = "all-linear"  # list, regex, or "all-linear"
-    variant: str = "lora"  # lora | dora | lora_fa
+    variant: str = "lora"  # lora | dora | lora_fa | velora (PEFT's VeloraConfig defaults)
     rslora: bool = False
     init: Any = True  # True | "gaussian" | "pissa"
     quantize: str = "none"  # none | nf4 | fp4 | int8 (QLoRA)
@@ -128,7 +128,7 @@ def _yaml(text: str):
 SECTIONS = {"data": DataSection, "lora": LoraSection, "train": TrainSection, "model_kwargs": ModelKwargsSection}
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential", "cpu", "cuda")
 TOP_KEYS = {"model", "output_dir", "name"} | set(SECTIONS)
-VARIANTS = ("lora", "dora", "lora_fa")
+VARIANTS = ("lora", "dora", "lora_fa", "velora")
 
 
 def load_run(path: str | Path | None = None, run: str | None = None, overrides: list[str] = ()) -> RunConfig:
@@ -291,7 +291,7 @@ def _type_problems(cfg: RunConfig) -> list[tuple[str, str]]:
 _LORA_KEYS = {"r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
               "target_modules": "lora.target_modules", "init_lora_weights": "lora.init",
               "modules_to_save": "lora.modules_to_save", "use_rslora": "lora.rslora", "use_dora": "lora.variant",
-              "lora_fa": "lora.variant", "base_model_name_or_path": "model",
+              "lora_fa": "lora.variant", "velora_config": "lora.variant", "base_model_name_or_path": "model",
               "trainable_token_indices": "lora.trainable_token_indices"}
 
 
@@ -403,6 +403,7 @@ def _lora_fields(cfg: RunConfig, base_model_name: str | None = None) -> dict:
     lo = cfg.lora
     return dict(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules,
                 use_dora=lo.variant == "dora", lora_fa=lo.variant == "lora_fa", use_rslora=lo.rslora,
+                velora_config=VeloraConfig() if lo.variant == "velora" else None,
                 init_lora_weights=lo.init, modules_to_save=lo.modules_to_save, task_type="CAUSAL_LM",
                 trainable_token_indices=lo.trainable_token_indices,
                 base_model_name_or_path=base_model_name or cfg.model)
