@@ -17,6 +17,7 @@ from torch import nn
 from ..config import ALL_LINEAR, LoraConfig
 from ..errors import LorakitError
 from ..layers import DoRA, LoraLayer
+from ..layers.gptq import keep_trainable
 from .inject import (ModulesToSave, find_parameter_targets, find_targets, layer_kind, resolve_targets, unwrap, wrap,
                      wrap_modules_to_save)
 from .placement import compute_device
@@ -71,6 +72,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", act
         config = config.replace(target_modules=sorted(targets))
     if any(layer_kind(model.get_submodule(t)) == "conv1d" for t in targets) and not config.fan_in_fan_out:
         config = config.replace(fan_in_fan_out=True)  # as PEFT does for GPT-2's Conv1D
+    keep_trainable(model)  # GPTQ/AWQ kernels, also those without an adapter: no inference repacking
     for target, parameter in [(t, None) for t in targets] + param_targets:  # PEFT: modules, then parameters
         layer = wrap(model, target, parameter)
         layer.add(name, r=config.rank_for(target), scaling=config.scaling_for(target),

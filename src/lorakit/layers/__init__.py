@@ -7,6 +7,7 @@
     pissa.py      PiSSA initialisation from the base weight's SVD
     param.py      LoRA on one nn.Parameter of a module (PEFT's target_parameters)
     bnb.py        bitsandbytes 4/8-bit base kinds, registered like any other
+    gptq.py       GPTQ and AWQ base kinds (gptqmodel's quantized linears, as transformers loads them)
     dora.py       DoRA (linear, conv, embedding) as a variant object that owns its caches
     mixed.py      per-row adapters in one forward (RowPlan, the stacked and segment paths)
     tokens.py     per-token adapters in one flat (1, N) forward (TokenPlan, for serving steps)
@@ -16,6 +17,7 @@
 """
 
 from . import bnb  # noqa: F401  (registers the bitsandbytes base kinds)
+from . import gptq  # noqa: F401  (registers the GPTQ / AWQ base kinds)
 from .bases import BaseKind, dense_weight, kind_of, register
 from .dora import DoRA
 from .fused import _LoraLinear  # noqa: F401  (old import path: lorakit.layers._LoraLinear)
