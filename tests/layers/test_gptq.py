@@ -24,6 +24,8 @@ from lorakit.layers import gptq as gptq_layers
 from lorakit.layers import kind_of
 from lorakit.models.quantize import dequantize_model
 
+from conftest import run_config
+
 HAVE_GPTQ = all(importlib.util.find_spec(m) is not None for m in ("gptqmodel", "optimum", "peft"))
 needs_gptq = pytest.mark.skipif(not HAVE_GPTQ, reason="needs gptqmodel + optimum: pip install 'lorakit[gptq]'")
 VOCAB, GROUP = 96, 32
@@ -228,6 +230,36 @@ def test_a_kernel_repacked_before_the_adapter_is_refused(checkpoints):
     logits(model, ids(6))  # aten's int4 layout from now on
     with pytest.raises(LorakitError, match="backend='torch'"):
         add(model)
+
+
+@needs_gptq
+@pytest.mark.slow  # ~20 s: a 49k-token vocabulary through GPTQ calibration and 12 steps
+def test_a_gptq_checkpoint_trains_through_the_run_config(tmp_path, smol_tokenizer, data_file):
+    """`model=<GPTQ folder>` and nothing else: transformers reads quant_method from config.json and picks
+    gptqmodel's default CPU kernel; the run trains, loss falls, the adapter folder is PEFT's."""
+    import peft
+    from transformers import AutoModelForCausalLM, GPTQConfig, LlamaConfig, LlamaForCausalLM
+    from lorakit.train import train as run_training
+    torch.manual_seed(0)
+    tok = smol_tokenizer
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "fp")
+    calib = [dict(tok(t, return_tensors="pt")) for t in ["Shout cat CAT!", "the sun is in the sky", "a red map"]]
+    quant = GPTQConfig(bits=4, group_size=GROUP, dataset=calib, backend="torch")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=quant, dtype=torch.bfloat16)
+    model.config.quantization_config.dataset = None
+    model.save_pretrained(tmp_path / "gptq")
+    tok.save_pretrained(tmp_path / "gptq")
+    result = run_training(run_config(tmp_path / "gptq", data_file, tmp_path / "run", "train.max_steps=12"),
+                          progress=False)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert result.steps == 12 and sum(losses[-3:]) / 3 < losses[0] - 0.1, losses
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "gptq")
+    peft_model = peft.PeftModel.from_pretrained(base, tmp_path / "run")
+    assert type(peft_model.base_model.model.model.layers[0].self_attn.q_proj).__name__ == "GPTQLoraLinear"
 
 
 class BaseQuantLinear(nn.Module):
