@@ -14,10 +14,11 @@ computes W[o, i] = scale[g(i), o] · (q[i, o] - zero[g(i), o]). For LoRA such a 
     keep_trainable(model)         the same for every such layer of a model, adapted or not
 
 The forward runs through the quantized module and the adapters stay fp32; their output is added as
-PEFT adds it (GPTQ: in fp32, the sum cast to the base's dtype; AWQ: cast to it first). Writing a dense weight back would need GPTQ's calibration
-(re-quantising by rounding is not GPTQ), so set_weight refuses, as PEFT does not merge into GPTQ or AWQ
-layers either; models.quantize.dequantize_model / merge_to_full_precision give the exact merge into
-a full-precision copy. gptqmodel is imported only when a weight is read.
+PEFT adds it (GPTQ: in fp32, the sum cast to the base's dtype; AWQ: cast to it first). Writing a dense
+weight back would need GPTQ's calibration (re-quantising by rounding is not GPTQ), so set_weight
+refuses, as PEFT does not merge into GPTQ or AWQ layers either; models.quantize.dequantize_model /
+merge_to_full_precision give the exact merge into a full-precision copy. gptqmodel is imported only
+when a weight is read.
 """
 
 from __future__ import annotations
