@@ -9,7 +9,7 @@ STAMP := $(VENV)/.lorakit-installed
 # 2-3x faster this way (measured on the 2-core machine, examples/demo/NOTES.md), with identical numbers.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: demo test test-slow bench install clean
+.PHONY: demo test test-slow bench install install-gptq clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# GPTQ / AWQ bases (the [gptq] / [awq] extras; tests/layers/test_gptq.py skips without them): gptqmodel
+# declares torch>=2.14.1, which would replace the pinned CPU torch by a CUDA build, and runs on 2.13, so
+# it goes in without dependencies, with its small ones named here (pypcre compiles a C extension).
+GPTQ_PKGS := gptqmodel==7.7.0 optimum==2.3.0 device-smi==0.5.7 logbar==0.4.15 tokenicer==0.0.14 \
+             pypcre==0.6.4 defuser==0.0.28 threadpoolctl==3.8.0
+install-gptq: $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps $(GPTQ_PKGS)
 
 demo: $(STAMP)
 	$(BIN)/lorakit demo

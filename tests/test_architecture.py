@@ -2,8 +2,8 @@
 
 Floors, from the ground up (README, Layout). A module may import modules of lower floors, and modules of
 its own package; the layer package (the LoRA math) imports nothing of lorakit but lorakit.errors, and
-no third-party package but torch (and bitsandbytes, lazily, for its base kinds). Checked twice: by
-reading every import statement of the source (function bodies included), and by importing each
+no third-party package but torch (and, lazily, bitsandbytes and gptqmodel for their base kinds). Checked
+twice: by reading every import statement of the source (function bodies included), and by importing each
 package in a fresh interpreter with lorakit's own __init__ left out, then listing what got loaded.
 """
 
@@ -139,7 +139,7 @@ def test_the_layer_package_stands_on_torch_and_errors_alone():
         third = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         third |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
                   and not n.level}
-        assert third - set(sys.stdlib_module_names) <= {"torch", "bitsandbytes"}, (module, third)
+        assert third - set(sys.stdlib_module_names) <= {"torch", "bitsandbytes", "gptqmodel"}, (module, third)
 
 
 _LOADED = """

@@ -18,6 +18,7 @@ from ..config import ALL_LINEAR, LoraConfig
 from ..errors import LorakitError
 from ..layers import LoraLayer
 from ..layers.kasa import kasa_loss as _layer_kasa_loss
+from ..layers.gptq import keep_trainable
 from . import variants
 from .inject import (ModulesToSave, find_parameter_targets, find_targets, layer_kind, resolve_targets, unwrap, wrap,
                      wrap_modules_to_save)
@@ -75,6 +76,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", act
         config = config.replace(target_modules=sorted(targets))
     if any(layer_kind(model.get_submodule(t)) == "conv1d" for t in targets) and not config.fan_in_fan_out:
         config = config.replace(fan_in_fan_out=True)  # as PEFT does for GPT-2's Conv1D
+    keep_trainable(model)  # GPTQ/AWQ kernels, also those without an adapter: no inference repacking
     placed = [(t, None) for t in targets] + param_targets  # PEFT: modules, then parameters
     chosen = [variants.choose(config, target, config.rank_for(target)) for target, _ in placed]  # errors first
     for (target, parameter), (variant, init) in zip(placed, chosen):

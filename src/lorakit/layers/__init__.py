@@ -7,6 +7,7 @@
     pissa.py      PiSSA initialisation from the base weight's SVD
     param.py      LoRA on one nn.Parameter of a module (PEFT's target_parameters)
     bnb.py        bitsandbytes 4/8-bit base kinds, registered like any other
+    gptq.py       GPTQ and AWQ base kinds (gptqmodel's quantized linears, as transformers loads them)
     dora.py       DoRA (linear, conv, embedding) as a variant object that owns its caches
     kasa.py       KaSA: the base weight's SVD truncated at init, a learnable diagonal between A and B
     bdlora.py     BD-LoRA: a block-diagonal A or B (PEFT's BlockDiagonalLinear storage), a variant object
@@ -20,6 +21,7 @@
 """
 
 from . import bnb  # noqa: F401  (registers the bitsandbytes base kinds)
+from . import gptq  # noqa: F401  (registers the GPTQ / AWQ base kinds)
 from .bases import BaseKind, dense_weight, kind_of, register
 from .bdlora import BdLora
 from .dora import DoRA

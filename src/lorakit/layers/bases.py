@@ -10,10 +10,14 @@ type (a quantized linear, a convolution) plugs in without touching the LoRA math
                 groups, (out, r/groups, 1, ...)), "mha" (nn.MultiheadAttention: linear shapes on
                 in_proj_weight, in = E, out = 3·E)
     quantized   whether the stored weight is not the dense one (adapters then stay fp32)
+    cast_delta  whether the adapters' (fp32) output is cast to the base output's dtype before it is added
+                (PEFT's bitsandbytes layers) rather than added in fp32 and the sum cast (its GPTQ/AWQ
+                layers); defaults to `quantized`
     matches(m)  whether module m is of this kind
     features(m) (in, out) as the adapter sees them
     weight(m)   the dense weight: (out, in) for linear families, (num_embeddings, dim) for embeddings
     set_weight(m, W)   write a dense weight back (merge, unmerge, PiSSA's residual)
+    storage(m)  a tensor the weight is kept in (its device and dtype place the adapters; no dequantizing)
     prepare(m)  called once when LoRA wraps m
 
 `kind_of(module)` asks the registered kinds, most recently registered first (so a subclass kind such
@@ -35,6 +39,10 @@ class BaseKind:
     family = "linear"
     quantized = False
 
+    @property
+    def cast_delta(self) -> bool:
+        return self.quantized
+
     def matches(self, module: nn.Module) -> bool:
         return isinstance(module, nn.Linear)
 
@@ -46,6 +54,9 @@ class BaseKind:
 
     def set_weight(self, module: nn.Module, W: torch.Tensor) -> None:
         module.weight.data.copy_(W)
+
+    def storage(self, module: nn.Module) -> torch.Tensor:
+        return module.weight
 
     def prepare(self, module: nn.Module) -> None:
         pass

@@ -323,8 +323,8 @@ class LoraLayer(nn.Module):
                                    f"layers or lora_bias adapters ({self._label()}); run one adapter per batch")
             return plan.apply(self, x, result)
         out_dtype = result.dtype
-        # PEFT's bnb layers add fp32 adapter outputs in the base's dtype: cast_to for quantized bases
-        cast_to = out_dtype if self.base_kind.quantized else None
+        # PEFT's bnb layers add fp32 adapter outputs in the base's dtype (bases.py: cast_delta)
+        cast_to = out_dtype if self.base_kind.cast_delta else None
         # May the adapters write into `result` in place? Only if nothing else can hold it: a plain
         # nn.Linear without forward hooks returns a fresh tensor, and only outside autograd (in-place
         # ops on a view of a graph tensor would cost a copy in backward).
@@ -465,7 +465,7 @@ class LoraLayer(nn.Module):
             variant.reset()
 
     def _param_device_dtype(self) -> tuple[torch.device, torch.dtype]:
-        W = self.base_layer.weight if self.kind not in ("mha", "param") else self.dense_weight()  # no dequantizing
+        W = self.base_kind.storage(self.base_layer) if self.kind not in ("mha", "param") else self.dense_weight()
         fp_base = W.dtype.is_floating_point and not self.base_kind.quantized
         dtype = W.dtype if fp_base else torch.float32  # quantized bases (any quant_storage): fp32 adapters
         return W.device, dtype

@@ -8,7 +8,7 @@ CPU, bf16 on CUDA by default).
     QUANT_KINDS                         the kinds every config key and command line accepts
     quantization_config(kind)           -> transformers BitsAndBytesConfig for from_pretrained(...)
     quantize_model(model, kind)         quantize an fp model built in code, in place (not the output head)
-    dequantize_model(model)             every quantized linear back to an nn.Linear (LoRA layers' too)
+    dequantize_model(model)             every quantized linear (bitsandbytes, GPTQ, AWQ) back to an nn.Linear
     requantize_merged(model, kind)      quantize a merged model again and report the error it added
     weight_memory_report(model)         bytes and bits per parameter of the base weights
 """
@@ -24,6 +24,7 @@ from ..errors import LorakitError
 from ..layers import LoraLayer
 from ..layers.bnb import _bnb, _int8_scales, _is_4bit, _unpack_cpu, dequantize_weight, is_quantized, \
     prepare_quantized_base
+from ..layers.gptq import dequantize_weight as dequantize_gptq, is_gptq_layer
 from .heads import output_head_name
 
 QUANT_KINDS = ("nf4", "fp4", "int8", "none")
@@ -148,7 +149,7 @@ def _quantize_modules(model: nn.Module, names: list[str], kind: str, compute_dty
 
 def _dense_linear(base: nn.Module, dtype: torch.dtype) -> nn.Linear:
     """A plain nn.Linear with the dequantized weight of `base` (bias cast to dtype)."""
-    W = dequantize_weight(base, dtype)
+    W = dequantize_gptq(base, dtype) if is_gptq_layer(base) else dequantize_weight(base, dtype)
     lin = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
     lin.weight = nn.Parameter(W.contiguous(), requires_grad=False)
     if base.bias is not None:
@@ -171,9 +172,9 @@ def _forget_quantization(model: nn.Module) -> None:
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Replace every Linear4bit / Linear8bitLt (also inside LoRA layers) by an nn.Linear in `dtype`."""
+    """Replace every Linear4bit / Linear8bitLt / GPTQ / AWQ linear (also inside LoRA layers) by an nn.Linear."""
     for name, mod in list(model.named_modules()):
-        if is_quantized(mod):
+        if is_quantized(mod) or is_gptq_layer(mod):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             dense = _dense_linear(mod, dtype)
