@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -104,7 +105,13 @@ def adapter_state_dict(model: nn.Module, name: str = "default", save_embedding_l
         out.update({f"{n}.base_layer.bias": layer.base_layer.bias for n, layer in manage.lora_layers(model)
                     if getattr(layer.base_layer, "bias", None) is not None})
     targeted = _embedding_targeted(model, config)
+    if save_embedding_layers == "auto" and targeted:  # PEFT's warnings, in its words
+        warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.",
+                      stacklevel=3)
     if save_embedding_layers is True or (save_embedding_layers == "auto" and targeted):
+        if not hasattr(model, "get_input_embeddings"):
+            warnings.warn("Could not identify embedding layer(s) because the model is not a 🤗 transformers model.",
+                          stacklevel=3)
         out.update(_embedding_base_weights(model, state, only_wrapped=targeted))
     return {prefix + k: v.detach().contiguous() for k, v in out.items()}
 

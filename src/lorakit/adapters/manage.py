@@ -77,6 +77,9 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", act
                   dropout=config.lora_dropout, init=config.init_lora_weights,
                   variant=DoRA() if config.use_dora else None, upcast=autocast_adapter_dtype,
                   bias=config.lora_bias, meta=low_cpu_mem_usage, device=compute_device(layer.base_layer))
+        if config.lora_bias and getattr(layer.base_layer, "bias", 0) is None:  # PEFT's warning, its words
+            warnings.warn(f"`lora_bias=True` was passed but the targeted layer of type {type(layer.base_layer).__name__}"
+                          f" has no bias ({target}): the adapter trains, but it cannot be merged", stacklevel=3)
         if config.lora_fa:  # LoRA-FA (Zhang et al. 2023): A stays at its random init; only B trains
             layer.lora_A[name].requires_grad_(False)
     if config.modules_to_save:
@@ -132,11 +135,19 @@ def set_adapter(model: nn.Module, names: str | list[str]) -> None:
     names = [names] if isinstance(names, str) else list(names)
     for n in names:
         _check_name(model, n, must_exist=True)
+    saved = list(_saved_modules(model))
+    problems = []
+    for path, mod in saved:  # one copy of a module runs at a time (checked before anything changes)
+        held = [n for n in names if n in mod.modules_to_save]
+        if len(held) > 1:
+            problems.append(f"Only one adapter can be set at a time for ModulesToSaveWrapper: adapters {held} each "
+                            f"keep their own copy of {path!r} (modules_to_save); activate one of them")
+    LorakitError.collect(problems)
     for other in configs(model):
         set_trainable(model, other, other in names)
     for _, layer in lora_layers(model):
         layer.active_adapters = [n for n in names if n in layer.lora_A]
-    for _, mod in _saved_modules(model):
+    for _, mod in saved:
         mod.active_adapter = next((n for n in names if n in mod.modules_to_save), None)
 
 

@@ -20,7 +20,7 @@ from .bases import BaseKind, dense_weight, kind_of, register
 from .dora import DoRA
 from .fused import _LoraLinear  # noqa: F401  (old import path: lorakit.layers._LoraLinear)
 from .layer import LoraLayer, Variant, current_row_plan, using_row_plan
-from .mixed import BASE, RowPlan, Stacks
+from .mixed import BASE, RowPlan, Stacks, module_rows_forward
 from .param import ParamKind
 from .pool import Pools
 from .tokens import TokenPlan
@@ -33,5 +33,5 @@ def layer_kind(module) -> str | None:
 
 
 __all__ = ["BASE", "BaseKind", "DoRA", "LoraLayer", "ParamKind", "Pools", "RowPlan", "Stacks", "TokenPlan", "Variant",
-           "current_row_plan",
+           "current_row_plan", "module_rows_forward",
            "dense_weight", "kind_of", "layer_kind", "register", "using_row_plan"]
