@@ -47,9 +47,27 @@ _TASK_TYPES = (None, "CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUEST
 _UNSUPPORTED_OFF = {
     "megatron_config": None, "trainable_token_indices": None, "eva_config": None, "corda_config": None,
     "lora_ga_config": None, "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False,
-    "monteclora_config": None, "layer_replication": None,
+    "layer_replication": None,
     "use_bdlora": None, "arrow_config": None, "kasa_config": None, "runtime_config": None,
 }
+
+
+# PEFT's MontecloraConfig fields and defaults (monteclora_config is kept as this dict, written as it is)
+MONTECLORA_DEFAULTS = {"num_samples": 8, "use_entropy": False, "dirichlet_prior": 0.1, "sample_scaler": 1e-4,
+                       "kl_loss_weight": 1e-5, "buffer_size": 150}
+
+
+def _monteclora_problems(value: Any, use_dora: bool) -> list[str]:
+    if not isinstance(value, dict):
+        return [f"monteclora_config must be a MontecloraConfig or a dict of its fields (got {value!r})"]
+    p = [f"monteclora_config has no field {k!r}; its fields are {sorted(MONTECLORA_DEFAULTS)}"
+         for k in value if k not in MONTECLORA_DEFAULTS]
+    for k in ("num_samples", "buffer_size"):
+        if not isinstance(value.get(k), int) or isinstance(value.get(k), bool) or value.get(k) <= 0:
+            p.append(f"monteclora_config.{k} must be a positive integer (got {value.get(k)!r})")
+    if use_dora:
+        p.append("monteclora_config and use_dora cannot be combined; choose one variant")
+    return p
 
 
 @dataclass(init=False)
@@ -144,6 +162,11 @@ class LoraConfig:
             self.task_type = TaskType(self.task_type.upper())
         if isinstance(self.peft_type, str) and self.peft_type in PeftType.__members__:
             self.peft_type = PeftType(self.peft_type)
+        if dataclasses.is_dataclass(self.monteclora_config) and not isinstance(self.monteclora_config, type):
+            self.monteclora_config = dataclasses.asdict(self.monteclora_config)  # PEFT's MontecloraConfig
+        if isinstance(self.monteclora_config, dict):  # PEFT's fields and defaults; {} is off
+            self.monteclora_config = ({**MONTECLORA_DEFAULTS, **self.monteclora_config}
+                                      if self.monteclora_config else None)
 
     def problems(self) -> list[str]:
         """Every problem the config has on its own (no model needed)."""
@@ -193,6 +216,8 @@ class LoraConfig:
         for name in ("use_dora", "use_rslora", "lora_fa", "fan_in_fan_out", "inference_mode", "lora_bias"):
             if not isinstance(getattr(self, name), bool):
                 p.append((name, f"{name} must be true or false (got {getattr(self, name)!r})"))
+        if self.monteclora_config is not None:
+            p += [("monteclora_config", m) for m in _monteclora_problems(self.monteclora_config, self.use_dora)]
         if self.use_dora is True and self.lora_fa is True:
             p.append(("use_dora", "use_dora and lora_fa cannot be combined; choose one variant"))
         return p

@@ -69,6 +69,9 @@ def _disk_key(mem_key: str, name: str, embedding_layers: set[str]) -> str | None
         module, part = m.groups()
         part = "magnitude" if part == "magnitude_vector" else part
         return factor_key(module, part, module in embedding_layers)
+    m = re.fullmatch(rf"(.*)\.lora_monteclora_sampler\.{re.escape(name)}\.(.*)", mem_key)
+    if m:  # MonteCLoRA's sampler (priors and its last draw), PEFT's keys
+        return f"{m.group(1)}.lora_monteclora_sampler.{m.group(2)}"
     m = re.fullmatch(rf"(.*)\.lora_bias\.{re.escape(name)}", mem_key)
     if m:  # PEFT's lora_bias=True: B's bias
         return f"{m.group(1)}.lora_B.bias"

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import ALL_LINEAR, LoraConfig
 from ..errors import LorakitError
-from ..layers import DoRA, LoraLayer
+from ..layers import DoRA, LoraLayer, MonteCLoRA
 from .inject import (ModulesToSave, find_parameter_targets, find_targets, layer_kind, resolve_targets, unwrap, wrap,
                      wrap_modules_to_save)
 from .placement import compute_device
@@ -75,7 +75,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", act
         layer = wrap(model, target, parameter)
         layer.add(name, r=config.rank_for(target), scaling=config.scaling_for(target),
                   dropout=config.lora_dropout, init=config.init_lora_weights,
-                  variant=DoRA() if config.use_dora else None, upcast=autocast_adapter_dtype,
+                  variant=_variant(config), upcast=autocast_adapter_dtype,
                   bias=config.lora_bias, meta=low_cpu_mem_usage, device=compute_device(layer.base_layer))
         if config.lora_bias and getattr(layer.base_layer, "bias", 0) is None:  # PEFT's warning, its words
             warnings.warn(f"`lora_bias=True` was passed but the targeted layer of type {type(layer.base_layer).__name__}"
@@ -91,6 +91,13 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", act
     else:
         set_trainable(model, name, False)
     return model
+
+
+def _variant(config: LoraConfig):
+    """The variant object for one layer of this adapter (None: plain LoRA)."""
+    if config.use_dora:
+        return DoRA()
+    return MonteCLoRA(**config.monteclora_config) if config.monteclora_config else None
 
 
 def _check_bias(model: nn.Module, config: LoraConfig, name: str) -> None:
@@ -122,7 +129,8 @@ def set_trainable(model: nn.Module, name: str, flag: bool) -> None:
     A stays frozen for LoRA-FA."""
     fa = configs(model)[name].lora_fa if name in configs(model) else False
     for _, layer in lora_layers(model):
-        for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector, layer.lora_bias):
+        samplers = getattr(layer, "lora_monteclora_sampler", {})  # MonteCLoRA's variational parameters
+        for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector, layer.lora_bias, samplers):
             if name in store:
                 store[name].requires_grad_(flag and not (fa and store is layer.lora_A))
     for _, mod in _saved_modules(model):

@@ -52,7 +52,8 @@ def _check_names(model: nn.Module, adapter_names) -> None:
     unknown = sorted({n for n in adapter_names if n != BASE and n not in known})
     problems = []
     if unknown:  # PEFT's words first, so code matching them still works
-        problems.append(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}; this model has {sorted(known)} "
+        problems.append(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}: unknown adapter(s) "
+                        f"{unknown}; this model has {sorted(known)} "
                         f"(use {BASE!r} for base rows)")
     dora = sorted({n for n in adapter_names if n in known and known[n].use_dora})
     if dora:

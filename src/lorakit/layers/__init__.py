@@ -8,7 +8,8 @@
     param.py      LoRA on one nn.Parameter of a module (PEFT's target_parameters)
     bnb.py        bitsandbytes 4/8-bit base kinds, registered like any other
     dora.py       DoRA (linear, conv, embedding) as a variant object that owns its caches
-    mixed.py      per-row adapters in one forward (RowPlan, the stacked and segment paths)
+    monteclora.py MonteCLoRA as a variant object with its sampler (sampled A in training, plain LoRA in eval)
+    mixed.py      per-row adapters in one forward (RowPlan, the stacked and segment paths; modules_to_save rows)
     tokens.py     per-token adapters in one flat (1, N) forward (TokenPlan, for serving steps)
     pool.py       slot pools: per layer and rank, adapters packed in slots (gathered per token)
     fused.py      the training fast path: one autograd node per LoRA linear
@@ -20,6 +21,7 @@ from .bases import BaseKind, dense_weight, kind_of, register
 from .dora import DoRA
 from .fused import _LoraLinear  # noqa: F401  (old import path: lorakit.layers._LoraLinear)
 from .layer import LoraLayer, Variant, current_row_plan, using_row_plan
+from .monteclora import MonteCLoRA
 from .mixed import BASE, RowPlan, Stacks, module_rows_forward
 from .param import ParamKind
 from .pool import Pools
@@ -32,6 +34,6 @@ def layer_kind(module) -> str | None:
     return kind.family if kind is not None else None
 
 
-__all__ = ["BASE", "BaseKind", "DoRA", "LoraLayer", "ParamKind", "Pools", "RowPlan", "Stacks", "TokenPlan", "Variant",
+__all__ = ["BASE", "BaseKind", "DoRA", "LoraLayer", "MonteCLoRA", "ParamKind", "Pools", "RowPlan", "Stacks", "TokenPlan", "Variant",
            "current_row_plan", "module_rows_forward",
            "dense_weight", "kind_of", "layer_kind", "register", "using_row_plan"]

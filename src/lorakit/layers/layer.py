@@ -189,6 +189,7 @@ class LoraLayer(nn.Module):
             self.variants[name] = variant
             variant.added(self, name)
         if upcast and dtype in (torch.float16, torch.bfloat16):
+            getattr(variant, "upcast", lambda *_: None)(self, name)  # a variant's own parameters (PEFT: fp32 too)
             for store in (self.lora_A, self.lora_B, self.lora_magnitude_vector, self.lora_bias):
                 if name in store:
                     store[name].data = store[name].data.float()
@@ -233,6 +234,7 @@ class LoraLayer(nn.Module):
         for store in (self.lora_A, self.lora_B, self.lora_magnitude_vector, self.lora_bias, self.lora_dropout):
             if name in store:  # ParameterDict.pop takes no default
                 del store[name]
+        getattr(self.variants.get(name), "deleted", lambda *_: None)(self, name)  # a variant's own modules
         for store in (self.r, self.scaling, self.variants):
             store.pop(name, None)
         self.generation += 1
