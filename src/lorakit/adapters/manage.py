@@ -78,8 +78,9 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", act
                   variant=_variant(config), upcast=autocast_adapter_dtype,
                   bias=config.lora_bias, meta=low_cpu_mem_usage, device=compute_device(layer.base_layer))
         if config.lora_bias and getattr(layer.base_layer, "bias", 0) is None:  # PEFT's warning, its words
-            warnings.warn(f"`lora_bias=True` was passed but the targeted layer of type {type(layer.base_layer).__name__}"
-                          f" has no bias ({target}): the adapter trains, but it cannot be merged", stacklevel=3)
+            kind = type(layer.base_layer).__name__
+            warnings.warn(f"`lora_bias=True` was passed but the targeted layer of type {kind} has no bias "
+                          f"({target}): the adapter trains, but it cannot be merged", stacklevel=3)
         if config.lora_fa:  # LoRA-FA (Zhang et al. 2023): A stays at its random init; only B trains
             layer.lora_A[name].requires_grad_(False)
     if config.modules_to_save:
