@@ -47,7 +47,7 @@ _TASK_TYPES = (None, "CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUEST
 _UNSUPPORTED_OFF = {
     "megatron_config": None, "eva_config": None, "corda_config": None,
     "lora_ga_config": None, "alora_invocation_tokens": None, "use_qalora": False,
-    "monteclora_config": None, "layer_replication": None,
+    "layer_replication": None,
     "arrow_config": None, "runtime_config": None,
 }
 
@@ -130,6 +130,22 @@ class VeloraConfig:
         if all(hasattr(value, n) for n in names):
             return cls(**{n: getattr(value, n) for n in names})
         return value
+
+
+# PEFT's MontecloraConfig fields and defaults (monteclora_config is kept as this dict, written as it is)
+MONTECLORA_DEFAULTS = {"num_samples": 8, "use_entropy": False, "dirichlet_prior": 0.1, "sample_scaler": 1e-4,
+                       "kl_loss_weight": 1e-5, "buffer_size": 150}
+
+
+def _monteclora_problems(value: Any) -> list[str]:
+    if not isinstance(value, dict):
+        return [f"monteclora_config must be a MontecloraConfig or a dict of its fields (got {value!r})"]
+    p = [f"monteclora_config has no field {k!r}; its fields are {sorted(MONTECLORA_DEFAULTS)}"
+         for k in value if k not in MONTECLORA_DEFAULTS]
+    for k in ("num_samples", "buffer_size"):
+        if not isinstance(value.get(k), int) or isinstance(value.get(k), bool) or value.get(k) <= 0:
+            p.append(f"monteclora_config.{k} must be a positive integer (got {value.get(k)!r})")
+    return p  # with another variant: _variant_problems
 
 
 @dataclass(init=False)
@@ -231,6 +247,11 @@ class LoraConfig:
             self.kasa_config = {"beta": 1e-4, "gamma": 1e-3, **self.kasa_config}  # PEFT's defaults
         if self.use_bdlora is not None:
             self.use_bdlora = BdLoraConfig.coerce(self.use_bdlora)  # PEFT's BdLoraConfig or a dict from a file
+        if dataclasses.is_dataclass(self.monteclora_config) and not isinstance(self.monteclora_config, type):
+            self.monteclora_config = dataclasses.asdict(self.monteclora_config)  # PEFT's MontecloraConfig
+        if isinstance(self.monteclora_config, dict):  # PEFT's fields and defaults; {} is off
+            self.monteclora_config = ({**MONTECLORA_DEFAULTS, **self.monteclora_config}
+                                      if self.monteclora_config else None)
 
     def problems(self) -> list[str]:
         """Every problem the config has on its own (no model needed)."""
@@ -288,6 +309,8 @@ class LoraConfig:
         elif self.velora_config is not None and self.target_parameters:
             p.append(("velora_config", "velora_config cannot be combined with target_parameters (as in PEFT); "
                       "choose one"))
+        if self.monteclora_config is not None:
+            p += [("monteclora_config", m) for m in _monteclora_problems(self.monteclora_config)]
         if self.use_dora is True and self.lora_fa is True:
             p.append(("use_dora", "use_dora and lora_fa cannot be combined; choose one variant"))
         p += [(name, m) for name, m in _variant_problems(self)]
@@ -401,7 +424,8 @@ def _variant_problems(config: "LoraConfig") -> list[tuple[str, str]]:
     on = [name for name, flag in (("use_dora", config.use_dora is True), ("use_bdlora", bd is not None),
                                   ("init_lora_weights='mica'", config.init_lora_weights == "mica"),
                                   ("kasa_config", config.kasa_config is not None),
-                                  ("velora_config", config.velora_config is not None)) if flag]
+                                  ("velora_config", config.velora_config is not None),
+                                  ("monteclora_config", config.monteclora_config is not None)) if flag]
     p = [(on[1], f"{' and '.join(on)} cannot be combined (PEFT has no such variant); choose one")
          ] if len(on) > 1 else []
     if bd is not None and config.lora_bias is True:

@@ -17,3 +17,12 @@ class LorakitError(ValueError):
             raise cls(problems[0])
         lines = [header or f"{len(problems)} problems:"] + [f"  - {p}" for p in problems]
         raise cls("\n".join(lines))
+
+
+class UnsupportedError(LorakitError, TypeError):
+    """A LorakitError that is also a TypeError: this kind of module cannot do what was asked (PEFT raises
+    TypeError there, e.g. mixed-adapter batches through nn.MultiheadAttention)."""
+
+
+class MergeError(LorakitError, RuntimeError):
+    """A LorakitError that is also a RuntimeError: a merge that cannot be done (PEFT raises RuntimeError)."""

@@ -111,3 +111,37 @@ def test_count_parameters_and_report():
     lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
     assert trainable == lora and total == sum(p.numel() for p in model.parameters())
     assert lorakit.trainable_report(model).startswith(f"trainable params: {trainable:,d} || all params: ")
+
+
+def _deep_mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)) for _ in range(3)])
+
+
+def test_adding_an_adapter_with_modules_to_save_does_not_activate_its_copies():
+    model = _deep_mlp()
+    lorakit.add_adapter(model, LoraConfig(r=2, target_modules=["0.0"]), "default")
+    lorakit.add_adapter(model, LoraConfig(r=2, target_modules=["0.0"], modules_to_save=["0.1"]), "other",
+                        activate=False)
+    head = model[0][1]
+    assert head.active_adapters == [] and head.modules_to_save["other"].weight.requires_grad is False
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(head(x), head.original_module(x))  # 'default' is active: the original runs
+    lorakit.set_adapter(model, "other")
+    assert head.active_adapters == ["other"] and head.modules_to_save["other"].weight.requires_grad is True
+    lorakit.set_adapter(model, "default")
+    assert head.active_adapters == []
+
+
+def test_two_active_adapters_may_not_share_a_modules_to_save_module():
+    model = _deep_mlp()
+    lorakit.add_adapter(model, LoraConfig(r=2, target_modules=["0.0"], modules_to_save=["0.1", "1.1"]), "default")
+    lorakit.add_adapter(model, LoraConfig(r=2, target_modules=["0.0"], modules_to_save=["2.1", "1.1"]), "other")
+    with pytest.raises(lorakit.LorakitError, match="Only one adapter can be set at a time for ModulesToSaveWrapper"):
+        lorakit.set_adapter(model, ["default", "other"])
+    assert model[0][0].active_adapters == ["other"]  # nothing changed
+    distinct = _deep_mlp()
+    lorakit.add_adapter(distinct, LoraConfig(r=2, target_modules=["0.0"], modules_to_save=["0.1"]), "default")
+    lorakit.add_adapter(distinct, LoraConfig(r=2, target_modules=["0.0"], modules_to_save=["1.1"]), "other")
+    lorakit.set_adapter(distinct, ["default", "other"])
+    assert distinct[0][1].active_adapters == ["default"] and distinct[1][1].active_adapters == ["other"]

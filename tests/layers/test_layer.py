@@ -148,3 +148,19 @@ def test_in_place_fast_path_leaves_hooked_base_output_alone(ids):
         handle.remove()
     x, out = seen[0]
     assert torch.equal(out, torch.nn.functional.linear(x, layer.base_layer.weight))
+
+
+def test_repr_names_the_wrapped_kind_like_peft():
+    from torch import nn
+    from lorakit.layers import LoraLayer, ParamKind
+    cases = [(nn.Linear(10, 20), None, "lora.Linear", ["in_features=10", "out_features=20"]),
+             (nn.Embedding(100, 5), None, "lora.Embedding", ["100, 5", "lora_embedding_A", "lora_embedding_B"]),
+             (nn.Conv2d(5, 10, 3), None, "lora.Conv2d", ["5, 10", "kernel_size=(3, 3)"]),
+             (nn.Linear(10, 20), ParamKind("weight"), "lora.ParamWrapper", ["parameter_name='weight'"])]
+    for base, kind, head, parts in cases:
+        layer = LoraLayer(base, kind)
+        layer.add("default", r=2, scaling=1.0)
+        text = repr(layer)
+        assert text.startswith(head), text
+        for part in parts + ["lora_A", "lora_B", "default"]:
+            assert part in text, (part, text)

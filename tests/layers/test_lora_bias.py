@@ -79,6 +79,9 @@ def test_lora_bias_trains_and_is_refused_where_it_cannot_work():
     with pytest.raises(lorakit.LorakitError, match="lora_bias=True is not supported"):
         lorakit.get_peft_model(emb, lorakit.LoraConfig(target_modules=["0"], lora_bias=True))
     nobias = nn.Sequential(nn.Linear(4, 4, bias=False))
-    model = lorakit.get_peft_model(nobias, lorakit.LoraConfig(target_modules=["0"], lora_bias=True))
-    with pytest.raises(lorakit.LorakitError, match="no bias to merge"):
-        model.merge_adapter()
+    with pytest.warns(UserWarning, match="`lora_bias=True` was passed but the targeted layer of type Linear has no"):
+        model = lorakit.get_peft_model(nobias, lorakit.LoraConfig(target_modules=["0"], lora_bias=True))
+    with pytest.raises(RuntimeError, match="Impossible to merge LoRA with `lora_bias=True` because the base") as e:
+        model.merge_adapter(safe_merge=True)
+    assert isinstance(e.value, lorakit.LorakitError)  # still lorakit's error (a ValueError) too
+    assert model.base_model.model[0].merged_adapters == []

@@ -195,7 +195,7 @@ def test_stack_follows_training_with_a_fused_optimizer():
 # -- errors ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("names, match", [
-    (["a", "nope"], "unknown adapter"),
+    (["a", "nope"], r"non-existing adapter\(s\): nope"),
     ([], "non-empty list"),
     ("a", "non-empty list"),
 ])
@@ -207,7 +207,7 @@ def test_bad_names(names, match):
 
 def test_length_mismatch():
     model = with_adapters("llama")
-    with pytest.raises(LorakitError, match="3 entries but the batch has 2 rows"):
+    with pytest.raises(LorakitError, match="Length of `adapter_names` .* got 3 and 2 respectively"):
         with adapter_rows(model, ["a", "b", "a"]):
             model(input_ids=torch.zeros(2, 4, dtype=torch.long))
 
@@ -223,3 +223,72 @@ def test_dora_and_merged_adapters_are_refused():
     with pytest.raises(LorakitError, match="unmerge"):
         with adapter_rows(model, ["a", "b"]):
             pass
+
+
+# -- convolutions, lora_bias and modules_to_save in mixed batches (PEFT supports them) ------------------
+
+def _conv_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(6 * 25, 4))
+
+
+@pytest.mark.parametrize("extra", [{}, {"lora_bias": True}])
+def test_conv_and_lora_bias_rows_equal_each_row_alone(extra):
+    model = _conv_model()
+    for name in ("a", "b"):
+        lorakit.add_adapter(model, LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False, **extra), name)
+    model.eval()
+    x = torch.randn(5, 3, 5, 5)
+    names = ["a", "__base__", "b", "a", "b"]
+    with torch.no_grad():
+        with adapter_rows(model, names):
+            mixed_out = model(x)
+        for i, name in enumerate(names):
+            with lorakit.disable_adapters(model) if name == "__base__" else contextlib.nullcontext():
+                if name != "__base__":
+                    lorakit.set_adapter(model, name)
+                alone = model(x[i:i + 1])
+            torch.testing.assert_close(mixed_out[i:i + 1], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_modules_to_save_rows_run_their_adapters_copy():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    for name in ("a", "b"):
+        lorakit.add_adapter(model, LoraConfig(r=2, target_modules=["0"], modules_to_save=["2"],
+                                              init_lora_weights=False), name)
+        with torch.no_grad():  # each adapter's copy of the head differs
+            model[2].modules_to_save[name].weight.add_(torch.randn(3, 4))
+    x = torch.randn(4, 4)
+    names = ["b", "a", "__base__", "b"]
+    with torch.no_grad():
+        with adapter_rows(model, names):
+            mixed_out = model(x)
+        expected = []
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with lorakit.disable_adapters(model):
+                    expected.append(model(x[i:i + 1]))
+            else:
+                lorakit.set_adapter(model, name)
+                expected.append(model(x[i:i + 1]))
+    torch.testing.assert_close(mixed_out, torch.cat(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_modules_to_save_that_mixes_rows_is_refused_with_a_type_error():
+    class WithGRU(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin0, self.gru = torch.nn.Linear(4, 4), torch.nn.GRU(4, 4, batch_first=True)
+
+        def forward(self, x):
+            return self.gru(self.lin0(x))[0]
+
+    model = WithGRU()
+    for name in ("a", "b"):
+        lorakit.add_adapter(model, LoraConfig(r=2, target_modules=["lin0"], modules_to_save=["gru"]), name)
+    with pytest.raises(TypeError, match="Mixed batching is only supported for the following modules: Linear, "
+                                        "Embedding, Conv1d, Conv2d, Conv3d.") as e:
+        with torch.no_grad(), adapter_rows(model, ["a", "b"]):
+            model(torch.randn(2, 3, 4))
+    assert isinstance(e.value, LorakitError)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -90,6 +91,9 @@ def _disk_key(mem_key: str, name: str, embedding_layers: set[str]) -> str | None
     m = re.fullmatch(rf"(.*)\.lora_velora_embed\.{re.escape(name)}", mem_key)
     if m:  # a buffer; PEFT saves it (a BufferDict entry) under the module's key without the adapter name
         return f"{m.group(1)}.lora_velora_embed"
+    m = re.fullmatch(rf"(.*)\.lora_monteclora_sampler\.{re.escape(name)}\.(.*)", mem_key)
+    if m:  # MonteCLoRA's sampler (priors and its last draw), PEFT's keys
+        return f"{m.group(1)}.lora_monteclora_sampler.{m.group(2)}"
     m = re.fullmatch(rf"(.*)\.lora_bias\.{re.escape(name)}", mem_key)
     if m:  # PEFT's lora_bias=True: B's bias
         return f"{m.group(1)}.lora_B.bias"
@@ -128,7 +132,13 @@ def adapter_state_dict(model: nn.Module, name: str = "default", save_embedding_l
                     if getattr(layer.base_layer, "bias", None) is not None})
     targeted = _embedding_targeted(model, config)
     auto = save_embedding_layers == "auto" and targeted and config.trainable_token_indices is None  # PEFT's rule
+    if auto:  # PEFT's warnings, in its words
+        warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.",
+                      stacklevel=3)
     if save_embedding_layers is True or auto:
+        if not hasattr(model, "get_input_embeddings"):
+            warnings.warn("Could not identify embedding layer(s) because the model is not a 🤗 transformers model.",
+                          stacklevel=3)
         out.update(_embedding_base_weights(model, state, only_wrapped=targeted))
     return {prefix + k: v.detach().contiguous() for k, v in out.items()}
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import ALL_LINEAR, LoraConfig, pattern_key
 from ..errors import LorakitError
-from ..layers import LoraLayer, ParamKind, kind_of
+from ..layers import LoraLayer, ParamKind, RowPlan, current_row_plan, kind_of, module_rows_forward
 from ..models.heads import output_head_name
 from ..models.targets import default_targets, model_type
 from .trainable_tokens import TokenWrapper
@@ -192,13 +192,23 @@ class ModulesToSave(nn.Module):
         self.disabled = False
 
     def add(self, name: str) -> None:
+        """A copy for adapter `name`; set_adapter activates it (adding one does not, as in PEFT)."""
         copy_ = copy.deepcopy(self.original_module)
         copy_.requires_grad_(True)
         self.modules_to_save[name] = copy_
-        self.active_adapter = name
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """PEFT's attribute: the adapter whose copy runs, as a list (empty: the original runs)."""
+        return [self.active_adapter] if self.active_adapter is not None else []
 
     def forward(self, *args, **kwargs):
-        if self.disabled or self.active_adapter not in self.modules_to_save:
+        if self.disabled:
+            return self.original_module(*args, **kwargs)
+        plan = current_row_plan()
+        if isinstance(plan, RowPlan) and args:  # a mixed batch: each row its adapter's copy
+            return module_rows_forward(plan, self.original_module, self.modules_to_save, *args, **kwargs)
+        if self.active_adapter not in self.modules_to_save:
             return self.original_module(*args, **kwargs)
         return self.modules_to_save[self.active_adapter](*args, **kwargs)
 

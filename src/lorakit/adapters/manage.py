@@ -84,6 +84,10 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", act
         layer.add(name, r=config.rank_for(target), scaling=config.scaling_for(target),
                   dropout=config.lora_dropout, init=init, variant=variant, upcast=autocast_adapter_dtype,
                   bias=config.lora_bias, meta=low_cpu_mem_usage, device=compute_device(layer.base_layer))
+        if config.lora_bias and getattr(layer.base_layer, "bias", 0) is None:  # PEFT's warning, its words
+            kind = type(layer.base_layer).__name__
+            warnings.warn(f"`lora_bias=True` was passed but the targeted layer of type {kind} has no bias "
+                          f"({target}): the adapter trains, but it cannot be merged", stacklevel=3)
         if config.lora_fa:  # LoRA-FA (Zhang et al. 2023): A stays at its random init; only B trains
             layer.lora_A[name].requires_grad_(False)
     if config.modules_to_save:
@@ -139,7 +143,9 @@ def set_trainable(model: nn.Module, name: str, flag: bool) -> None:
     fa = configs(model)[name].lora_fa if name in configs(model) else False
     for _, layer in lora_layers(model):
         frozen = [getattr(layer, s) for s in getattr(layer.variants.get(name), "frozen", ())]  # MiCA's B
-        for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector, layer.lora_bias, layer.lora_diag):
+        samplers = getattr(layer, "lora_monteclora_sampler", {})  # MonteCLoRA's variational parameters
+        for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector, layer.lora_bias, layer.lora_diag,
+                      samplers):
             if name in store:
                 store[name].requires_grad_(flag and not (fa and store is layer.lora_A)
                                            and not any(store is f for f in frozen))
@@ -154,12 +160,20 @@ def set_adapter(model: nn.Module, names: str | list[str]) -> None:
     names = [names] if isinstance(names, str) else list(names)
     for n in names:
         _check_name(model, n, must_exist=True)
+    saved = list(_saved_modules(model))
+    problems = []
+    for path, mod in saved:  # one copy of a module runs at a time (checked before anything changes)
+        held = [n for n in names if n in mod.modules_to_save]
+        if len(held) > 1:
+            problems.append(f"Only one adapter can be set at a time for ModulesToSaveWrapper: adapters {held} each "
+                            f"keep their own copy of {path!r} (modules_to_save); activate one of them")
+    LorakitError.collect(problems)
     tokens.set_active(model, names)
     for other in configs(model):
         set_trainable(model, other, other in names)
     for _, layer in lora_layers(model):
         layer.active_adapters = [n for n in names if n in layer.lora_A]
-    for _, mod in _saved_modules(model):
+    for _, mod in saved:
         mod.active_adapter = next((n for n in names if n in mod.modules_to_save), None)
 
 

@@ -51,8 +51,9 @@ def _check_names(model: nn.Module, adapter_names) -> None:
     known = manage.configs(model)
     unknown = sorted({n for n in adapter_names if n != BASE and n not in known})
     problems = []
-    if unknown:
-        problems.append(f"adapter_names holds unknown adapter(s) {unknown}; this model has {sorted(known)} "
+    if unknown:  # PEFT's words first, so code matching them still works
+        problems.append(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}: unknown adapter(s) "
+                        f"{unknown}; this model has {sorted(known)} "
                         f"(use {BASE!r} for base rows)")
     dora = sorted({n for n in adapter_names if n in known and known[n].use_dora})
     if dora:
@@ -64,6 +65,6 @@ def _check_names(model: nn.Module, adapter_names) -> None:
         problems.append(f"adapter(s) {tokens} train embedding rows (trainable_token_indices), which lorakit does not "
                         "route per batch row; run them in their own batch with set_adapter(), or merge them")
     if any(layer.merged_adapters for _, layer in manage.lora_layers(model)):
-        problems.append("mixed-adapter batches need unmerged adapters; call unmerge() (PeftModel: "
-                        "unmerge_adapter()) first")
+        problems.append("Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` "
+                        "first (lorakit: unmerge()); mixed-adapter batches need unmerged adapters")
     LorakitError.collect(problems)

@@ -1,4 +1,5 @@
-"""Which variant object (layers/: DoRA, BD-LoRA, MiCA, KaSA, VeLoRA) an adapter gets on one target, from its config.
+"""Which variant object (layers/: DoRA, BD-LoRA, MiCA, KaSA, VeLoRA, MonteCLoRA)
+an adapter gets on one target, from its config.
 
 The choice lives here, above the layers, so the layer math never reads a config. BD-LoRA's rule is
 PEFT's: a pattern of use_bdlora.target_modules_bd_a / _bd_b matches a target when it is a substring of
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from ..config import LoraConfig
 from ..errors import LorakitError
-from ..layers import BdLora, DoRA, KaSA, MiCA, Variant, VeLoRA
+from ..layers import BdLora, DoRA, KaSA, MiCA, MonteCLoRA, Variant, VeLoRA
 
 
 def choose(config: LoraConfig, target: str, r: int) -> tuple[Variant | None, bool | str]:
@@ -18,6 +19,8 @@ def choose(config: LoraConfig, target: str, r: int) -> tuple[Variant | None, boo
     MiCA initialises its factors itself (after the plain draws), so the layer is told init=False."""
     if config.use_dora:
         return DoRA(), config.init_lora_weights
+    if config.monteclora_config is not None:
+        return MonteCLoRA(**config.monteclora_config), config.init_lora_weights
     if config.velora_config is not None:
         v = config.velora_config
         return VeLoRA(v.num_groups, v.scale, v.init_type), config.init_lora_weights

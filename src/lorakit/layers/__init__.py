@@ -13,7 +13,8 @@
     bdlora.py     BD-LoRA: a block-diagonal A or B (PEFT's BlockDiagonalLinear storage), a variant object
     mica.py       MiCA: B from the base weight's minor singular vectors, frozen; a variant object
     velora.py     VeLoRA: A's backward from compressed inputs (a variant object, linear layers)
-    mixed.py      per-row adapters in one forward (RowPlan, the stacked and segment paths)
+    monteclora.py MonteCLoRA as a variant object with its sampler (sampled A in training, plain LoRA in eval)
+    mixed.py      per-row adapters in one forward (RowPlan, the stacked and segment paths; modules_to_save rows)
     tokens.py     per-token adapters in one flat (1, N) forward (TokenPlan, for serving steps)
     pool.py       slot pools: per layer and rank, adapters packed in slots (gathered per token)
     fused.py      the training fast path: one autograd node per LoRA linear
@@ -29,7 +30,8 @@ from .kasa import KaSA
 from .fused import _LoraLinear  # noqa: F401  (old import path: lorakit.layers._LoraLinear)
 from .layer import LoraLayer, Variant, current_row_plan, using_row_plan
 from .mica import MiCA
-from .mixed import BASE, RowPlan, Stacks
+from .mixed import BASE, RowPlan, Stacks, module_rows_forward
+from .monteclora import MonteCLoRA
 from .param import ParamKind
 from .pool import Pools
 from .tokens import TokenPlan
@@ -42,7 +44,7 @@ def layer_kind(module) -> str | None:
     return kind.family if kind is not None else None
 
 
-__all__ = ["BASE", "BaseKind", "BdLora", "DoRA", "KaSA", "LoraLayer", "MiCA",
+__all__ = ["BASE", "BaseKind", "BdLora", "DoRA", "KaSA", "LoraLayer", "MiCA", "MonteCLoRA",
            "ParamKind", "Pools", "RowPlan", "Stacks", "TokenPlan", "Variant", "VeLoRA",
-           "current_row_plan",
+           "current_row_plan", "module_rows_forward",
            "dense_weight", "kind_of", "layer_kind", "register", "using_row_plan"]

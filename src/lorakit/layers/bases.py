@@ -61,6 +61,16 @@ class BaseKind:
     def prepare(self, module: nn.Module) -> None:
         pass
 
+    def repr_name(self, module: nn.Module) -> str:
+        """The wrapped layer's class name as PEFT prints it (`lora.Linear`, `lora.Conv2d`, ...)."""
+        names = {"linear": "Linear", "conv1d": "Linear", "embedding": "Embedding", "mha": "MultiheadAttention",
+                 "param": "ParamWrapper"}
+        return names.get(self.family, type(module).__name__)
+
+    def repr_extra(self) -> str:
+        """What the wrapped layer's repr adds for this kind (after its adapters)."""
+        return ""
+
     def __repr__(self) -> str:
         return f"<base kind {self.name}>"
 
@@ -86,6 +96,9 @@ class Conv1DKind(BaseKind):
 
 class EmbeddingKind(BaseKind):
     name = family = "embedding"
+
+    def repr_extra(self) -> str:
+        return ", lora_A/lora_B are PEFT's lora_embedding_A (r, num_embeddings) / lora_embedding_B (dim, r)"
 
     def matches(self, module: nn.Module) -> bool:
         return isinstance(module, nn.Embedding)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import LorakitError
+from ..errors import LorakitError, MergeError, UnsupportedError
 from . import bases, mha, param, pissa
 from .fused import lora_linear
 
@@ -301,7 +301,7 @@ class LoraLayer(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.kind == "mha":
             if _ROW_PLAN.get() is not None:
-                raise LorakitError("lora.MultiheadAttention does not support mixed adapter batches (as in PEFT): "
+                raise UnsupportedError("lora.MultiheadAttention does not support mixed adapter batches (as in PEFT): "
                                    f"{self._label()} is adapted; run one adapter per batch")
             return mha.forward(self, x, *args, **kwargs)
         if self.kind == "param":
@@ -318,9 +318,6 @@ class LoraLayer(nn.Module):
             return result
         plan = _ROW_PLAN.get()
         if plan is not None:
-            if self.kind == "conv" or self.lora_bias:
-                raise LorakitError(f"mixed-adapter batches (adapter_names) are not supported for convolution "
-                                   f"layers or lora_bias adapters ({self._label()}); run one adapter per batch")
             return plan.apply(self, x, result)
         out_dtype = result.dtype
         # PEFT's bnb layers add fp32 adapter outputs in the base's dtype (bases.py: cast_delta)
@@ -413,8 +410,8 @@ class LoraLayer(nn.Module):
             if name in self.merged_adapters or name not in self.lora_A:
                 continue
             if name in self.lora_bias and getattr(self.base_layer, "bias", None) is None:
-                raise LorakitError(f"adapter {name!r} has lora_bias=True but {self._label()} has no bias to merge it "
-                                   "into; keep the adapter unmerged")
+                raise MergeError(f"Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias: "
+                                 f"adapter {name!r}, {self._label()}; keep the adapter unmerged")
             W = self.dense_weight()
             variant = self.variants.get(name)
             if variant:  # its norm is of the weight without the adapters merged before (what forward sees)
@@ -478,6 +475,10 @@ class LoraLayer(nn.Module):
     def _label(self) -> str:
         return f"{type(self.base_layer).__name__}({self.in_features}->{self.out_features})"
 
+    def _get_name(self) -> str:  # the repr's head, PEFT's: lora.Linear, lora.Conv2d, lora.ParamWrapper, ...
+        return "lora." + self.base_kind.repr_name(self.base_layer)
+
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}: r={self.r[n]}, s={self.scaling[n]:g}" for n in self.lora_A)
-        return f"kind={self.kind}, adapters=[{adapters}], active={self.active_adapters}"
+        return (f"kind={self.kind}, in_features={self.in_features}, out_features={self.out_features}, "
+                f"adapters=[{adapters}], active={self.active_adapters}" + self.base_kind.repr_extra())

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import LorakitError
+from ..errors import LorakitError, UnsupportedError
 
 BASE = "__base__"
 # A plan keeps each layer's gathered per-row factors for the next forward (generate's decoding steps)
@@ -127,7 +127,8 @@ class RowPlan:
     def apply(self, layer: nn.Module, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """result (B, ..., out) plus, for each row, the low-rank output of that row's adapter."""
         if x.shape[0] != self.n:
-            raise LorakitError(f"adapter_names has {self.n} entries but the batch has {x.shape[0]} rows; give "
+            raise LorakitError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
+                               f"{self.n} and {x.shape[0]} respectively: give "
                                "one adapter name per row (generate with num_beams or num_return_sequences > 1 "
                                "grows the batch: repeat each name that many times)")
         present = [name for name in self.groups if name in layer.r]  # layer.r: a plain dict, a fast lookup
@@ -173,6 +174,8 @@ class RowPlan:
 
 def can_stack(layer: nn.Module, present: list[str]) -> bool:
     """The stacked path holds no autograd graph and applies no dropout; it needs neither here."""
+    if layer.kind == "conv" or any(name in layer.lora_bias for name in present):  # the segment path has both
+        return False
     if layer.kind == "embedding" and layer.base_layer.max_norm is not None:
         return False
     if not torch.is_grad_enabled() and not layer.training:
@@ -224,9 +227,43 @@ def _segment_forward(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, pl
         index = plan.groups[name].to(x.device)
         sub_x = x.index_select(0, index)
         A, B, s = layer.lora_A[name], layer.lora_B[name], layer.scaling[name]
+        bias = layer.lora_bias.get(name)  # (out,) or None: PEFT's lora_B.bias
         if layer.kind == "embedding":
             delta = (layer.embed(sub_x, A.T) @ B.T) * s  # (b, T, out)
+        elif layer.kind == "conv":  # A: the base's kernel, stride, padding; B: 1x1 with its groups (layer.py)
+            base, conv = layer.base_layer, layer.base_kind.conv_fn
+            after_A = conv(layer.lora_dropout[name](sub_x.to(A.dtype)), A, None, base.stride, base.padding)
+            delta = conv(after_A, B, bias, 1, 0, 1, base.groups) * s  # (b, out, *spatial)
         else:
-            delta = F.linear(F.linear(layer.lora_dropout[name](sub_x.to(A.dtype)), A), B) * s  # (b, T, out)
+            delta = F.linear(F.linear(layer.lora_dropout[name](sub_x.to(A.dtype)), A), B, bias) * s  # (b, T, out)
         result.index_add_(0, index, delta.to(result.dtype))
     return result.to(out_dtype)
+
+
+# -- whole modules: a modules_to_save copy per row ---------------------------------------------------
+
+ROUTABLE_MODULES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # PEFT's list: row-wise modules
+
+
+def module_rows_forward(plan: RowPlan, original: nn.Module, copies: nn.ModuleDict, x: torch.Tensor,
+                        *args, **kwargs) -> torch.Tensor:
+    """Run each batch row through its adapter's copy of a module (modules_to_save), `original` for base
+    rows and for adapters that keep no copy. Only modules whose rows are independent can be split so
+    (PEFT's list); for the others (a GRU mixes rows through its state layout) a TypeError, as in PEFT."""
+    if not isinstance(original, ROUTABLE_MODULES):
+        names = ", ".join(m.__name__ for m in ROUTABLE_MODULES)
+        raise UnsupportedError(f"Mixed batching is only supported for the following modules: {names}. "
+                               f"This batch passes a modules_to_save copy of {type(original).__name__}; run one "
+                               "adapter per batch (set_adapter) or leave that module out of modules_to_save")
+    if x.shape[0] != plan.n:
+        raise LorakitError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
+                           f"{plan.n} and {x.shape[0]} respectively; give one adapter name per row")
+    out = None
+    for name in dict.fromkeys(plan.names):  # each adapter once, in order of first use
+        index = torch.tensor([i for i, n in enumerate(plan.names) if n == name], device=x.device)
+        module = copies[name] if name in copies else original
+        sub = module(x.index_select(0, index), *args, **kwargs)  # (b, ...)
+        if out is None:
+            out = sub.new_empty((x.shape[0], *sub.shape[1:]))
+        out.index_copy_(0, index, sub)
+    return out

@@ -33,6 +33,9 @@ class ParamKind(BaseKind):
     def matches(self, module: nn.Module) -> bool:
         return isinstance(getattr(module, self.parameter_name, None), nn.Parameter)
 
+    def repr_extra(self) -> str:
+        return f", parameter_name={self.parameter_name!r}"
+
     def features(self, module: nn.Module) -> tuple[int, int]:
         shape = self.weight(module).shape
         return shape[1], shape[0]

@@ -23,6 +23,7 @@ from ..adapters import files, manage, rows
 from ..combine import add_weighted_adapter as _add_weighted_adapter
 from ..config import LoraConfig, TaskType
 from ..errors import LorakitError
+from ..layers import monteclora
 from . import card
 
 
@@ -56,6 +57,12 @@ class LoraModel(nn.Module):
     def active_adapter(self) -> str | list[str]:
         active = self.active_adapters
         return active[0] if len(active) == 1 else active
+
+    def _get_monteclora_loss(self, adapter_names: str | list[str] | None = None):
+        """PEFT's MonteCLoRA regulariser (KL + entropy, the mean over the adapted layers) to add to the loss;
+        0.0 when no adapter of `adapter_names` (default: the active ones) is MonteCLoRA, and in eval mode."""
+        names = self.active_adapters if adapter_names is None else adapter_names
+        return monteclora.variational_loss(self.model, [names] if isinstance(names, str) else list(names))
 
     @property
     def targeted_module_names(self) -> list[str]:
