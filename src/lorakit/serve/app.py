@@ -32,7 +32,7 @@ from ..errors import LorakitError
 from ..eval.generation import render
 from ..layers import BASE
 from . import registry as reg
-from .engine import Engine, Request as EngineRequest
+from .engine import Batched, Engine, Request as EngineRequest
 from .sampling import SamplingParams
 from .schema import ChatRequest, CompletionRequest, LoadAdapter, Sampling, UnloadAdapter
 
@@ -160,8 +160,7 @@ def create_app(engine: Engine, settings: Settings, metrics=None) -> FastAPI:
         params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                 seed=body.seed, stop=body.stops())
         loop, inbox = asyncio.get_running_loop(), asyncio.Queue()
-        req = engine.submit(EngineRequest(ids, adapter, params,
-                                          lambda d: loop.call_soon_threadsafe(inbox.put_nowait, d)))
+        req = engine.submit(EngineRequest(ids, adapter, params, Batched(loop, inbox.put_nowait)))
         head = {"id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}",
                 "created": int(time.time()), "model": body.model}
         request.state.logs_itself = True  # one line when the generation ends (_log_generation)
