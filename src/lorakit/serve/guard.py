@@ -40,12 +40,22 @@ class Guard:
         if size is not None and (not size.isdigit() or int(size) > self.max_body_bytes):
             await error(413, f"request body over {self.max_body_bytes} bytes", "BadRequestError")(scope, receive, send)
             return
-        status = [500]
+        status = [500, False]  # the status sent, whether the response started
+        logged = [False]
+
+        def access_log() -> None:
+            logged[0] = True
+            state = scope.get("state") or {}
+            if not state.get("logs_itself"):
+                model = state.get("model")
+                log.info("request %s %s%s status=%d latency=%.3fs", scope["method"], scope["path"],
+                         f" model={model}" if model else "", status[0], time.perf_counter() - t0)
 
         async def sending(message) -> None:
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
-                status.append("started")
+                status[0], status[1] = message["status"], True
+            elif message["type"] == "http.response.body" and not message.get("more_body") and not logged[0]:
+                access_log()  # before the last bytes go: once the client has its answer, the line exists
             await send(message)
 
         if self.draining():
@@ -56,10 +66,7 @@ class Guard:
                 await self.app(scope, receive, sending)
             except Exception:  # a bug of ours; never a traceback to the client
                 log.exception("request failed")
-                if len(status) == 1:  # nothing sent yet
+                if not status[1]:  # nothing sent yet
                     await error(500, "internal error", "InternalServerError")(scope, receive, sending)
-        state = scope.get("state") or {}
-        if not state.get("logs_itself"):
-            model = state.get("model")
-            log.info("request %s %s%s status=%d latency=%.3fs", scope["method"], scope["path"],
-                     f" model={model}" if model else "", status[0], time.perf_counter() - t0)
+        if not logged[0]:  # the client left before the end
+            access_log()
