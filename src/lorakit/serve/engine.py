@@ -21,7 +21,8 @@ One step (Engine.step, on the engine thread):
   4. one forward under a TokenPlan (each adapter's tokens one slice; short slices, i.e. decoding
      tokens, gathered per rank from slot pools: `lora_path`, see layers/tokens.py) and the KV
      cache's attention (cache.py), logits only for the emitting tokens (logits_to_keep);
-  5. sample per request, detect EOS / stop strings / max_tokens / max_model_len, send the deltas.
+  5. sample per request (greedy rows: one argmax for all), detect EOS / stop strings / max_tokens /
+     max_model_len, send the deltas (a Batched sink's at the end of the step: one wake-up per loop).
 Sequences join and leave at token boundaries; prefill and decode share steps.
 """
 
