@@ -1,12 +1,14 @@
 """Serving throughput and time to first token on loopback: lorakit serve vs transformers serve vs naive PEFT.
 
-    python benchmarks/bench_serve.py [--model DIR] [--clients 1 8 32] [--max-tokens 32] [--rounds 2]
+    python benchmarks/bench_serve.py [--model DIR] [--clients 1 8 32] [--max-tokens 32] [--rounds 2] [--repeats 3]
     python benchmarks/bench_serve.py --adapters 1000 [...]   the S-LoRA scale mode: serve_scale.py
 
-Each server runs as its own process (one torch thread each: OMP_NUM_THREADS=1) and is measured in
-this one run, one after another, by the same bounded load generator: C concurrent clients each send
-`rounds` streaming completions (max_tokens, temperature 0) one after another. Throughput is
-completion tokens / wall time; TTFT is arrival to first streamed chunk (p50 / p99 over requests).
+Each server runs as its own process (one torch thread each: OMP_NUM_THREADS=1); all are started
+first, warmed the same way (one untimed request per model each serves), then measured in this one
+run by the same bounded load generator, `repeats` rounds with the servers' order rotated per round;
+the table shows medians over the rounds. C concurrent clients each send `rounds` streaming
+completions (max_tokens, temperature 0) one after another. Throughput is completion tokens / wall
+time; TTFT is arrival to first streamed chunk (p50 / p99 over requests).
 Servers: lorakit base only, lorakit with 1 adapter, lorakit with 16 adapters mixed (request i uses
 adapter i % 16), `transformers serve --continuous-batching` (base only; it has no adapters) and a naive
 PEFT server (one request at a time: set_adapter, then generate; no streaming, so its TTFT is its
@@ -132,23 +134,68 @@ async def load(url: str, models: list[str], clients: int, rounds: int, max_token
             "ttft_p99": q[min(len(q) - 1, int(round(0.99 * (len(q) - 1))))], "tokens": sum(tokens), "wall": wall}
 
 
-def run_server(name: str, cmd: list[str], port: int, models: list[str], args, stream=True) -> list[dict]:
+def start_server(name: str, cmd: list[str], port: int):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     log = open(Path(tempfile.gettempdir()) / f"bench_serve_{name}.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    rows = []
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), f"http://127.0.0.1:{port}"
+
+
+def measure(servers: dict, args) -> list[dict]:
+    """Every server up at once (idle ones wait on a socket); then `repeats` rounds, each measuring every
+    server at every client count, the servers' order rotated per round so that a slow spell of the
+    machine does not land on one server. Each server is warmed the same way before its first round:
+    one request for each model it serves (untimed), so no timed request pays a first use."""
+    procs = {}
     try:
-        wait_ready(url, proc)
-        for clients in args.clients:
-            res = asyncio.run(load(url, models, clients, args.rounds, args.max_tokens, stream))
-            res.update(server=name, clients=clients)
-            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}), flush=True)
-            rows.append(res)
+        for name, (cmd, port, models, stream) in servers.items():
+            procs[name] = start_server(name, cmd, port)
+        for name, (proc, url) in procs.items():
+            wait_ready(url, proc)
+        rows, order = [], list(servers)
+        for rnd in range(args.repeats):
+            for name in order[rnd % len(order):] + order[:rnd % len(order)]:
+                _, _, models, stream = servers[name]
+                for clients in args.clients:
+                    res = asyncio.run(load(procs[name][1], models, clients, args.rounds, args.max_tokens, stream,
+                                           warm=models if rnd == 0 else None))
+                    res.update(server=name, clients=clients, round=rnd)
+                    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}), flush=True)
+                    rows.append(res)
+        return rows
     finally:
-        proc.terminate()
-        proc.wait(30)
-    return rows
+        for proc, _ in procs.values():
+            proc.terminate()
+        for proc, _ in procs.values():
+            proc.wait(30)
+
+
+def medians(rows: list[dict]) -> dict:
+    """(server, clients) -> median tok/s, TTFT p50 and p99 over the rounds."""
+    out: dict = {}
+    for r in rows:
+        out.setdefault((r["server"], r["clients"]), []).append(r)
+    return {key: {m: statistics.median(x[m] for x in group) for m in ("tok_s", "ttft_p50", "ttft_p99")}
+            | {"rounds": len(group)} for key, group in out.items()}
+
+
+def report(rows: list[dict], clients: list[int]) -> None:
+    med = medians(rows)
+    print("\n| server | clients | tok/s (median) | TTFT p50 (s) | TTFT p99 (s) | rounds |\n|---|---:|---:|---:|---:|---:|")
+    for (server, c), m in med.items():
+        print(f"| {server} | {c} | {m['tok_s']:.0f} | {m['ttft_p50']:.3f} | {m['ttft_p99']:.3f} | {m['rounds']} |")
+    targets = [("16-adapter mix / lorakit base-only (>= 0.8)", "lorakit-16", "lorakit-base", 0.8),
+               ("16-adapter mix / naive PEFT (>= 3)", "lorakit-16", "naive", 3.0),
+               ("lorakit base-only / transformers serve CB (>= 1, at 8 and 32)", "lorakit-base", "hf-cb", 1.0)]
+    print("\n| target | " + " | ".join(f"{c} clients" for c in clients) + " |\n|---|" + "---:|" * len(clients))
+    for label, a, b, need in targets:
+        cells = []
+        for c in clients:
+            if (a, c) in med and (b, c) in med:
+                ratio = med[(a, c)]["tok_s"] / med[(b, c)]["tok_s"]
+                cells.append(f"{ratio:.2f}x {'met' if ratio >= need else 'NOT met'}")
+            else:
+                cells.append("-")
+        print(f"| {label} | " + " | ".join(cells) + " |")
 
 
 def naive_server(model_dir: str, adapters: str, port: int) -> None:
@@ -195,6 +242,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=2, help="requests per client, one after another")
+    p.add_argument("--repeats", type=int, default=3, help="rounds over every server and client count (medians)")
     p.add_argument("--only", nargs="+", help="servers to run (lorakit-base lorakit-1 lorakit-16 hf-cb naive)")
     p.add_argument("--naive-server", nargs=3, metavar=("MODEL", "ADAPTERS", "PORT"), help=argparse.SUPPRESS)
     p.add_argument("--adapters", type=int, help="S-LoRA scale mode: this many adapters on disk (serve_scale.py "
@@ -224,13 +272,8 @@ def main() -> None:
         "naive": ([PY, __file__, "--naive-server", str(model), str(adapters), "8205"], 8205,
                   [f"a{i}" for i in range(16)], False),
     }
-    rows = []
-    for name in args.only or list(servers):
-        cmd, port, models, stream = servers[name]
-        rows += run_server(name, cmd, port, models, args, stream)
-    print("\n| server | clients | tok/s | TTFT p50 (s) | TTFT p99 (s) |\n|---|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['server']} | {r['clients']} | {r['tok_s']:.0f} | {r['ttft_p50']:.3f} | {r['ttft_p99']:.3f} |")
+    rows = measure({name: servers[name] for name in args.only or list(servers)}, args)
+    report(rows, args.clients)
 
 
 if __name__ == "__main__":

@@ -260,3 +260,14 @@ def test_resident_budget_in_bytes(tmp_path):
     for i, (name, prompt, n) in enumerate(reqs):
         assert done[i].text == " ".join(map(str, reference(folder, name, prompt, n))), (i, name)
     assert registry.attaches >= 3  # all three attached, never more than two at once: evictions
+
+
+def test_greedy_ids_take_the_first_maximum_like_torch_argmax():
+    from lorakit.serve.engine import greedy_ids
+    torch.manual_seed(0)
+    logits = torch.randn(6, 1000)
+    logits[1, 7] = logits[1, 900] = 50.0  # a tie: the first index wins
+    logits[2] = 0.0  # all equal
+    assert greedy_ids(logits) == logits.argmax(-1).tolist()
+    assert greedy_ids(logits)[1] == 7 and greedy_ids(logits)[2] == 0
+    assert greedy_ids(logits.bfloat16()) == logits.bfloat16().float().argmax(-1).tolist()

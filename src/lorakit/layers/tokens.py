@@ -56,6 +56,7 @@ class TokenPlan:
         self.tokens = slices_of(list(names))
         self.emits = slices_of(list(emit_names))
         self.pools, self.long, self.gather_min = pools, long, gather_min
+        self._which: dict = {}  # (slots, token ranges, device) -> the gather index (this plan's step only)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """result (1, n, out) plus each slice's adapter output, in place."""
@@ -104,16 +105,20 @@ class TokenPlan:
     def _gathered(self, layer: nn.Module, x2: torch.Tensor, out2: torch.Tensor, r: int, group: list) -> None:
         """out2[tokens of group] += each token's x·Aᵀ·(s·B)ᵀ, factors gathered from the rank-r pool."""
         pool = self.pools.pool(layer, r)
-        slots = [pool.slot(layer, name) for name, _, _ in group]
-        tokens = torch.tensor([t for _, lo, hi in group for t in range(lo, hi)], device=x2.device)
-        which = torch.tensor([k for k, (_, lo, hi) in zip(slots, group) for _ in range(lo, hi)], device=x2.device)
+        slots = tuple(pool.slot(layer, name) for name, _, _ in group)
+        key = (slots, tuple((lo, hi) for _, lo, hi in group), x2.device)
+        which = self._which.get(key)  # layers mostly share their slot numbers: one index tensor a step
+        if which is None:
+            which = self._which[key] = torch.tensor([k for k, (_, lo, hi) in zip(slots, group) for _ in range(lo, hi)],
+                                                    device=x2.device)
         rows = pool.packed.index_select(0, which)  # (T, in·r + r·out)
         A_sel = rows[:, :pool.split].view(-1, pool.n_in, pool.r)  # (T, in, r)
         B_sel = rows[:, pool.split:].view(-1, pool.r, pool.n_out)  # (T, r, out)
         lo, hi = group[0][1], group[-1][2]
-        if hi - lo == len(tokens):  # contiguous (the engine orders a step by rank, then adapter)
+        if hi - lo == len(which):  # contiguous (the engine orders a step by rank, then adapter)
             xs = x2[lo:hi].to(A_sel.dtype).unsqueeze(1)  # (T, 1, in)
             out2[lo:hi] += torch.bmm(torch.bmm(xs, A_sel), B_sel).squeeze(1).to(out2.dtype)
         else:
+            tokens = torch.tensor([t for _, lo, hi in group for t in range(lo, hi)], device=x2.device)
             xs = x2.index_select(0, tokens).to(A_sel.dtype).unsqueeze(1)
             out2.index_add_(0, tokens, torch.bmm(torch.bmm(xs, A_sel), B_sel).squeeze(1).to(out2.dtype))

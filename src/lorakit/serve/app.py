@@ -15,6 +15,7 @@ With an API key every endpoint wants
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -32,7 +33,8 @@ from ..errors import LorakitError
 from ..eval.generation import render
 from ..layers import BASE
 from . import registry as reg
-from .engine import Engine, Request as EngineRequest
+from .guard import Guard, error
+from .engine import Batched, Engine, Request as EngineRequest
 from .sampling import SamplingParams
 from .schema import ChatRequest, CompletionRequest, LoadAdapter, Sampling, UnloadAdapter
 
@@ -57,11 +59,6 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
 
 
-def error(status: int, message: str, type_: str, param: str | None = None, headers=None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": status}},
-                        status_code=status, headers=headers)
-
-
 def bad(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, "BadRequestError", param)
 
@@ -78,6 +75,7 @@ def create_app(engine: Engine, settings: Settings, metrics=None) -> FastAPI:
     app.state.draining = False
     registry: reg.Registry = engine.registry
     _handlers(app, settings)
+    app.add_middleware(Guard, max_body_bytes=settings.max_body_bytes, draining=lambda: app.state.draining)
 
     def auth(request: Request) -> str | None:
         given = request.headers.get("authorization", "")
@@ -159,9 +157,9 @@ def create_app(engine: Engine, settings: Settings, metrics=None) -> FastAPI:
                            "RateLimitError", headers={"Retry-After": "1"})
         params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                 seed=body.seed, stop=body.stops())
-        loop, inbox = asyncio.get_running_loop(), asyncio.Queue()
-        req = engine.submit(EngineRequest(ids, adapter, params,
-                                          lambda d: loop.call_soon_threadsafe(inbox.put_nowait, d)))
+        loop = asyncio.get_running_loop()
+        inbox = Mailbox(loop)
+        req = engine.submit(EngineRequest(ids, adapter, params, Batched(loop, inbox.put)))
         head = {"id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}",
                 "created": int(time.time()), "model": body.model}
         request.state.logs_itself = True  # one line when the generation ends (_log_generation)
@@ -173,13 +171,11 @@ def create_app(engine: Engine, settings: Settings, metrics=None) -> FastAPI:
     async def _next(req, inbox, request: Request):
         """The next delta; cancels the request (its slot freed at the next step) if the client left."""
         while True:
-            if not inbox.empty():  # the common case: no timer task per token
-                return inbox.get_nowait()
-            try:
-                return await asyncio.wait_for(inbox.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    engine.cancel(req)
+            d = await inbox.get(0.5)
+            if d is not None:
+                return d
+            if await request.is_disconnected():
+                engine.cancel(req)
 
     async def _collect(req, inbox, head, kind, request):
         parts = []
@@ -210,6 +206,11 @@ def create_app(engine: Engine, settings: Settings, metrics=None) -> FastAPI:
                 choice["text"] = text
             return "data: " + json.dumps({**head, "object": obj, "choices": [choice]}) + "\n\n"
 
+        # a token's chunk: chunk(text) with the text spliced into the rest, rendered once (the same bytes)
+        empty = chunk("")
+        cut = empty.rindex('""')
+        before, after = empty[:cut], empty[cut + 2:]
+
         try:
             if chat:
                 yield chunk("", first=True)
@@ -221,16 +222,18 @@ def create_app(engine: Engine, settings: Settings, metrics=None) -> FastAPI:
                     yield "data: " + json.dumps({"error": {"message": d.error, "type": "BadRequestError",
                                                            "param": "model", "code": 400}}) + "\n\n"
                     break
-                if d.text or d.finish_reason:
+                if d.finish_reason:
                     yield chunk(d.text, d.finish_reason)
+                elif d.text:
+                    yield before + json.dumps(d.text) + after
                 if d.finish_reason is not None:
                     if include_usage:
                         yield "data: " + json.dumps({**head, "object": obj, "choices": [], "usage": _usage(d)}) + "\n\n"
                     break
             yield "data: [DONE]\n\n"
         finally:
-            if req.kv.length and not req.cancelled and req in engine.running:
-                engine.cancel(req)  # the client went away mid-stream
+            if not req.cancelled and (req in engine.running or req in engine.waiting):
+                engine.cancel(req)  # the client went away mid-stream (Starlette cancels this generator)
 
     @app.post("/v1/load_lora_adapter", dependencies=[Depends(admin)], response_class=PlainTextResponse)
     async def load_lora(body: LoadAdapter):
@@ -266,6 +269,31 @@ def create_app(engine: Engine, settings: Settings, metrics=None) -> FastAPI:
     return app
 
 
+class Mailbox:
+    """A request's deltas on its event loop: put() (on the loop) and get(timeout). An asyncio.Queue
+    read through asyncio.wait_for costs a task and a timer per token; this costs one future and a timer."""
+
+    def __init__(self, loop):
+        self.loop, self.items, self.waiter = loop, collections.deque(), None
+
+    def put(self, delta) -> None:
+        self.items.append(delta)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def get(self, timeout: float):
+        """The next delta, or None after `timeout` seconds without one."""
+        if not self.items:
+            self.waiter = waiter = self.loop.create_future()
+            timer = self.loop.call_later(timeout, lambda: waiter.done() or waiter.set_result(None))
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self.waiter = None
+        return self.items.popleft() if self.items else None
+
+
 def _log_generation(head: dict, req, d, status: int) -> None:
     now = time.perf_counter()
     ttft = f"{req.t_first - req.t_arrival:.3f}s" if req.t_first is not None else "-"
@@ -295,24 +323,3 @@ def _handlers(app: FastAPI, settings: Settings) -> None:
     async def _http(request, exc: HTTPException):
         kind = {404: "NotFoundError", 405: "MethodNotAllowed"}.get(exc.status_code, "BadRequestError")
         return error(exc.status_code, str(exc.detail), kind)
-
-    @app.middleware("http")
-    async def _bounded_and_logged(request: Request, call_next):
-        t0 = time.perf_counter()
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > settings.max_body_bytes):
-            return error(413, f"request body over {settings.max_body_bytes} bytes", "BadRequestError")
-        if request.app.state.draining:
-            response = error(503, "the server is shutting down; retry on another instance or after it restarts",
-                             "ServiceUnavailableError", headers={"Retry-After": "5"})
-        else:
-            try:
-                response = await call_next(request)
-            except Exception:  # a bug of ours; never a traceback to the client
-                log.exception("request failed")
-                response = error(500, "internal error", "InternalServerError")
-        if not getattr(request.state, "logs_itself", False):
-            model = getattr(request.state, "model", None)
-            log.info("request %s %s%s status=%d latency=%.3fs", request.method, request.url.path,
-                     f" model={model}" if model else "", response.status_code, time.perf_counter() - t0)
-        return response
