@@ -19,7 +19,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "lorakit"
 FLOORS = [
     ["lorakit.errors"],
-    ["lorakit.atomic", "lorakit._compat"],
+    ["lorakit.atomic", "lorakit._compat", "lorakit.variant_config"],
     ["lorakit.config", "lorakit.layers"],
     ["lorakit.models", "lorakit.data"],
     ["lorakit.adapters"],
