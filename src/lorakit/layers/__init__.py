@@ -1,7 +1,8 @@
 """The ground floor: the LoRA math on one layer. Imports torch and lorakit.errors only.
 
-    layer.py      LoraLayer (add/delete, forward, delta weight, merge/unmerge), the Variant protocol,
-                  the per-call row plan (a context variable)
+    layer.py      LoraLayer (add/delete, forward, delta weight, merge/unmerge), the per-call row plan
+                  (a context variable)
+    variant.py    the Variant protocol: the hooks a variant object (DoRA, BD-LoRA, ...) overrides
     bases.py      base kinds (Linear, Conv1D, Embedding, Conv1d/2d/3d, MultiheadAttention) behind one registry
     mha.py        nn.MultiheadAttention: in_proj and out_proj adapters, the adapted attention forward
     pissa.py      PiSSA initialisation from the base weight's SVD
@@ -28,13 +29,14 @@ from .bdlora import BdLora
 from .dora import DoRA
 from .kasa import KaSA
 from .fused import _LoraLinear  # noqa: F401  (old import path: lorakit.layers._LoraLinear)
-from .layer import LoraLayer, Variant, current_row_plan, using_row_plan
+from .layer import LoraLayer, current_row_plan, using_row_plan
 from .mica import MiCA
 from .mixed import BASE, RowPlan, Stacks, module_rows_forward
 from .monteclora import MonteCLoRA
 from .param import ParamKind
 from .pool import Pools
 from .tokens import TokenPlan
+from .variant import Variant
 from .velora import VeLoRA
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LorakitError
-from .layer import Variant
+from .variant import Variant
 
 
 def block_linear(x: torch.Tensor, weight: torch.Tensor, nblocks: int) -> torch.Tensor:

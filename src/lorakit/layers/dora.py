@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer import Variant
+from .variant import Variant
 
 
 def dora_weight_norm(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float,

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LorakitError
-from .layer import Variant
+from .variant import Variant
 
 
 def truncate_base(layer: nn.Module, r: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,7 @@ One class wraps any base layer that has a registered base kind (bases.py: nn.Lin
 nn.Embedding, nn.Conv1d/2d/3d, nn.MultiheadAttention (mha.py); bnb.py: bitsandbytes 4/8-bit) without
 changing it (composition). Per adapter name it
 holds A (r, in), B (out, r), the scaling s and a dropout; an adapter may carry a variant object
-(dora.py) that the layer calls for its output and its merge, and that owns its own caches. The layer
+(variant.py; dora.py and the others) that the layer calls for its output and its merge, and that owns its own caches. The layer
 does not choose kinds or variants: adapters/ does, above it.
 
 A batch whose rows use different adapters (mixed.py) hands the layer its per-call plan through a
@@ -32,6 +32,7 @@ from torch import nn
 from ..errors import LorakitError, MergeError, UnsupportedError
 from . import bases, mha, param, pissa
 from .fused import lora_linear
+from .variant import Variant
 
 # The row plan of the mixed-adapter forward running in this context (mixed.RowPlan), or None.
 _ROW_PLAN: contextvars.ContextVar = contextvars.ContextVar("lorakit_row_plan", default=None)
@@ -50,46 +51,6 @@ def using_row_plan(plan):
 
 def current_row_plan():
     return _ROW_PLAN.get()
-
-
-class Variant:
-    """What a LoRA variant (DoRA) changes for one adapter of one layer. The layer calls it; it keeps
-    its own state (caches, merge factors). Defaults are plain LoRA's behaviour."""
-
-    name = "lora"
-    lora_bias = False  # whether B may have a bias (PEFT's lora_bias) with this variant
-
-    def check(self, layer: "LoraLayer") -> None:
-        """Raise LorakitError if the variant cannot run on this layer (called before the adapter exists)."""
-
-    def added(self, layer: "LoraLayer", name: str) -> None:
-        """The adapter's A and B are initialised (in the base dtype, before any fp32 upcast)."""
-
-    def apply(self, layer: "LoraLayer", name: str, x: torch.Tensor, result: torch.Tensor, dropout: nn.Module,
-              owned: bool) -> tuple[torch.Tensor, bool]:
-        raise NotImplementedError
-
-    def factors(self, layer: "LoraLayer", name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """A (r, in) and B (out, r) as dense matrices (BD-LoRA stores one of them as its blocks)."""
-        return layer.lora_A[name], layer.lora_B[name]
-
-    def merged_weight(self, layer: "LoraLayer", name: str, W: torch.Tensor, base: torch.Tensor | None = None
-                      ) -> torch.Tensor:
-        """W with this adapter merged in; `base`: W without the adapters merged before it (None: W is that)."""
-        raise NotImplementedError
-
-    def unmerged_weight(self, layer: "LoraLayer", name: str, W: torch.Tensor, forget: bool = True) -> torch.Tensor:
-        """W with this adapter (merged last) taken out; forget=False: it stays merged (a look, not an unmerge)."""
-        raise NotImplementedError
-
-    def reset(self) -> None:
-        """The base weight changed (merge, unmerge, a new base): drop anything computed from it."""
-
-    def upcast(self, layer: "LoraLayer", name: str) -> None:
-        """The adapter's tensors were upcast to fp32 (on a half-precision base): upcast the variant's own."""
-
-    def deleted(self, layer: "LoraLayer", name: str) -> None:
-        """The adapter is being deleted: drop what the variant keeps on the layer for it."""
 
 
 class LoraLayer(nn.Module):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LorakitError
-from .layer import Variant
+from .variant import Variant
 
 
 class MiCA(Variant):

@@ -23,7 +23,8 @@ from torch import nn
 from torch.distributions.wishart import Wishart
 
 from ..errors import LorakitError
-from .layer import LoraLayer, Variant
+from .layer import LoraLayer
+from .variant import Variant
 
 SAMPLERS = "lora_monteclora_sampler"  # the layer's ModuleDict of samplers, PEFT's name
 EPS_VAR, EPS_DIRICHLET = 1e-3, 1e-6

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LorakitError
-from .layer import Variant
+from .variant import Variant
 
 INIT_TYPES = ("batch_average", "batch_average_once", "random")
 STORE = "lora_velora_embed"  # the layer attribute holding v per adapter (PEFT's name)
