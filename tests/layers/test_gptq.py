@@ -39,9 +39,10 @@ def quiet_cpu():
     """One thread (tiny matmuls on a shared CPU), no pack extension build, no torch.compile."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
+    # dynamo's own patch, not monkeypatch: undoing a setattr on torch._dynamo.config deletes (hides) the
+    # option, and every later torch.compile in the process then fails ("config.disable does not exist")
+    with pytest.MonkeyPatch.context() as mp, torch._dynamo.config.patch(disable=True):
         mp.setenv("GPTQMODEL_DISABLE_PACK_EXT", "1")
-        mp.setattr(torch._dynamo.config, "disable", True)
         yield
     torch.set_num_threads(before)
 
