@@ -90,3 +90,22 @@ def test_few_short_slices_keep_the_per_adapter_gemms():
     with torch.inference_mode(), using_row_plan(TokenPlan(["a", "b"], ["b"], pools, gather_min=2)):
         torch.testing.assert_close(layer(x)[0], formula(layer, x, ["a", "b"]), atol=1e-5, rtol=1e-5)
     assert layer not in pools._pools  # one slice per rank: under gather_min, nothing gathered
+
+
+@pytest.mark.parametrize("long", [1, 16])  # 1: per-adapter GEMMs; 16: gathered
+def test_fp32_adapters_on_a_bf16_base(long):
+    """The casts of both paths: bf16 activations into fp32 factors, the fp32 delta back into the bf16 output."""
+    layer = layer_with({"a": 4, "b": 8, "c": 4})
+    layer.base_layer.to(torch.bfloat16)
+    names = ["a", "a", "b", BASE, "c"]
+    x = torch.randn(1, len(names), 12, dtype=torch.bfloat16)
+    with torch.inference_mode(), using_row_plan(TokenPlan(names, names[-1:], Pools(), long=long, gather_min=1)):
+        got = layer(x)[0]
+    assert got.dtype == torch.bfloat16
+    want = layer.base_layer(x)[0].float()
+    for i, name in enumerate(names):
+        if name != BASE:
+            A, B, s = layer.lora_A[name], layer.lora_B[name], layer.scaling[name]
+            want[i] += s * (B @ (A @ x[0, i].float()))
+    torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.02)
+    assert (got.float() - layer.base_layer(x)[0].float()).abs().max() > 0.1  # the adapters did add something

@@ -11,7 +11,8 @@ a stack per token would materialise N·(in·r + r·out) floats per layer.
 
 With a Pools store (pool.py), slices shorter than `long` tokens (decoding: one token per sequence,
 so a step over many adapters is many tiny slices), when a rank has at least `gather_min` of them
-in a layer (fewer run faster as GEMMs: benchmarks/bench_tokens.py), are instead gathered per rank: each token's
+in a layer (fewer run faster as GEMMs: one GEMM pair costs about a quarter of a gather on CPU, so
+the default is 4, measured in docs/benchmarks.md), are instead gathered per rank: each token's
 factors are taken from its rank's slot pool (one index_select) and two batched matmuls add all of
 that rank's tokens at once, so the number of small ops per layer grows with the ranks present,
 not with the adapters present. Long slices (prefill) keep the per-adapter GEMMs. The gathered
@@ -51,73 +52,95 @@ class TokenPlan:
     """Token i of a flat (1, N) forward runs adapter names[i]; row j of the K emitting rows runs
     emit_names[j] (layers that see K rows: the output head under logits_to_keep)."""
 
-    def __init__(self, names: list[str], emit_names: list[str], pools=None, long: int = 16, gather_min: int = 8):
+    def __init__(self, names: list[str], emit_names: list[str], pools=None, long: int = 16, gather_min: int = 4):
         self.n, self.n_emit = len(names), len(emit_names)
         self.tokens = slices_of(list(names))
         self.emits = slices_of(list(emit_names))
+        self._tokens = [(name, lo, hi) for name, (lo, hi) in self.tokens.items()]  # what apply walks
+        self._emits = [(name, lo, hi) for name, (lo, hi) in self.emits.items()]
         self.pools, self.long, self.gather_min = pools, long, gather_min
         self._which: dict = {}  # (slots, token ranges, device) -> the gather index (this plan's step only)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """result (1, n, out) plus each slice's adapter output, in place."""
+        """result (1, n, out) plus each slice's adapter output, in place.
+
+        This runs for every LoRA layer of every serving step, so it is written for few Python ops (each
+        costs several microseconds here, as much as a small GEMM): slices as a precomputed list,
+        narrow instead of indexing, no casts or slices when they would change nothing, and the
+        factors read from the ParameterDicts' own tables (ParameterDict.__getitem__ is a getattr)."""
         embedding = layer.kind == "embedding"
         x2 = x.reshape(-1) if embedding else x.reshape(-1, x.shape[-1])  # (n,) ids or (n, in)
         n = x2.shape[0]
-        slices = self.tokens if n == self.n else self.emits if n == self.n_emit else None
+        slices = self._tokens if n == self.n else self._emits if n == self.n_emit else None
         if slices is None:
             raise LorakitError(f"a TokenPlan for {self.n} tokens ({self.n_emit} emitting) reached a layer "
                                f"with {n}; the plan is for flat (1, N) serving steps only")
         if not result.is_contiguous():
             result = result.contiguous()
         out2 = result.view(-1, result.shape[-1])  # (n, out): a view, written in place
-        short: dict[int, list[tuple[str, int, int]]] = {}  # rank -> the short slices gathered together
-        for name, (lo, hi) in slices.items():
-            if name not in layer.r:
+        ranks, variants, pools = layer.r, layer.variants, self.pools
+        gather = pools is not None and not embedding
+        short: dict[int, list[tuple[str, int, int]]] | None = None  # rank -> short slices gathered together
+        for name, lo, hi in slices:
+            r = ranks.get(name)
+            if r is None:
                 continue
-            if name in layer.variants:
-                raise LorakitError(f"adapter {name!r} is {layer.variants[name].name}; per-token batches "
+            if variants and name in variants:
+                raise LorakitError(f"adapter {name!r} is {variants[name].name}; per-token batches "
                                    "support plain LoRA adapters only")
-            if self.pools is not None and not embedding and hi - lo < self.long:
-                short.setdefault(0 if self.pools.padded else layer.r[name], []).append((name, lo, hi))
+            if gather and hi - lo < self.long:
+                if short is None:
+                    short = {}
+                short.setdefault(0 if pools.padded else r, []).append((name, lo, hi))
                 continue
             self._segment(layer, x2, out2, name, lo, hi, embedding)
-        for group in short.values():
+        for group in (short or {}).values():
             if len(group) >= self.gather_min:
-                self._gathered(layer, x2, out2, max(layer.r[name] for name, _, _ in group), group)
+                self._gathered(layer, x2, out2, max(ranks[name] for name, _, _ in group), group)
             else:
                 for name, lo, hi in group:
                     self._segment(layer, x2, out2, name, lo, hi, embedding)
         return result
 
-    def _segment(self, layer: nn.Module, x2: torch.Tensor, out2: torch.Tensor, name: str, lo: int, hi: int,
+    @staticmethod
+    def _segment(layer: nn.Module, x2: torch.Tensor, out2: torch.Tensor, name: str, lo: int, hi: int,
                  embedding: bool) -> None:
         """out2[lo:hi] += adapter `name`'s output for tokens lo..hi: one GEMM pair, as _apply_adapter."""
-        A, B, s = layer.lora_A[name], layer.lora_B[name], layer.scaling[name]
+        A, B = layer.lora_A._parameters[name], layer.lora_B._parameters[name]
+        s = layer.scaling[name]
+        whole = hi - lo == x2.shape[0]
+        xs = x2 if whole else x2.narrow(0, lo, hi - lo)
+        os_ = out2 if whole else out2.narrow(0, lo, hi - lo)
         if embedding:  # as _apply_adapter: result + (embed(ids, Aᵀ) @ Bᵀ)·s
-            out2[lo:hi] += (layer.embed(x2[lo:hi], A.T) @ B.T) * s
+            os_.add_((layer.embed(xs, A.T) @ B.T) * s)
             return
-        after_A = F.linear(x2[lo:hi].to(A.dtype), A)  # (t, r)
+        after_A = F.linear(xs if xs.dtype == A.dtype else xs.to(A.dtype), A)  # (t, r)
         if out2.dtype == after_A.dtype == B.dtype:
-            out2[lo:hi].addmm_(after_A, B.T, alpha=s)  # the GEMM _apply_adapter runs
+            os_.addmm_(after_A, B.T, alpha=s)  # the GEMM _apply_adapter runs
         else:  # fp32 adapters on a bf16 base
-            out2[lo:hi] += (F.linear(after_A, B) * s).to(out2.dtype)
+            os_.add_((F.linear(after_A, B) * s).to(out2.dtype))
 
     def _gathered(self, layer: nn.Module, x2: torch.Tensor, out2: torch.Tensor, r: int, group: list) -> None:
         """out2[tokens of group] += each token's x·Aᵀ·(s·B)ᵀ, factors gathered from the rank-r pool."""
         pool = self.pools.pool(layer, r)
-        slots = tuple(pool.slot(layer, name) for name, _, _ in group)
-        key = (slots, tuple((lo, hi) for _, lo, hi in group), x2.device)
+        slot = pool.slot
+        slots = tuple([slot(layer, name) for name, _, _ in group])
+        lo, hi = group[0][1], group[-1][2]
+        key = (slots, tuple([a for _, a, _ in group]), x2.device)  # the slices' starts fix their ranges
         which = self._which.get(key)  # layers mostly share their slot numbers: one index tensor a step
         if which is None:
-            which = self._which[key] = torch.tensor([k for k, (_, lo, hi) in zip(slots, group) for _ in range(lo, hi)],
+            which = self._which[key] = torch.tensor([k for k, (_, a, b) in zip(slots, group) for _ in range(a, b)],
                                                     device=x2.device)
         rows = pool.packed.index_select(0, which)  # (T, in·r + r·out)
         A_sel = rows[:, :pool.split].view(-1, pool.n_in, pool.r)  # (T, in, r)
         B_sel = rows[:, pool.split:].view(-1, pool.r, pool.n_out)  # (T, r, out)
-        lo, hi = group[0][1], group[-1][2]
-        if hi - lo == len(which):  # contiguous (the engine orders a step by rank, then adapter)
-            xs = x2[lo:hi].to(A_sel.dtype).unsqueeze(1)  # (T, 1, in)
-            out2[lo:hi] += torch.bmm(torch.bmm(xs, A_sel), B_sel).squeeze(1).to(out2.dtype)
+        if hi - lo == which.shape[0]:  # contiguous (the engine orders a step by rank, then adapter)
+            xs = x2.narrow(0, lo, hi - lo)
+            xs = (xs if xs.dtype == A_sel.dtype else xs.to(A_sel.dtype)).unsqueeze(1)  # (T, 1, in)
+            if out2.dtype == B_sel.dtype:  # accumulate into the output rows: (T, 1, out) += (T, 1, r)·(T, r, out)
+                out2.narrow(0, lo, hi - lo).unsqueeze(1).baddbmm_(torch.bmm(xs, A_sel), B_sel)
+            else:  # fp32 adapters on a bf16 base
+                out2.narrow(0, lo, hi - lo).add_(torch.bmm(torch.bmm(xs, A_sel), B_sel).squeeze(1).to(out2.dtype))
         else:
             tokens = torch.tensor([t for _, lo, hi in group for t in range(lo, hi)], device=x2.device)
             xs = x2.index_select(0, tokens).to(A_sel.dtype).unsqueeze(1)
