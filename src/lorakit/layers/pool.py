@@ -2,7 +2,8 @@
 
 A serving step gathers, per token, its adapter's factors and runs two batched matmuls; the factors
 come from a pool instead of being stacked afresh: slot k of a layer's rank-r pool holds adapter k's
-Aᵀ (in, r) and (s·B)ᵀ (r, out), flattened into one row of `packed` (cap, in·r + r·out). Adapters
+Aᵀ in A[k] (in, r) and (s·B)ᵀ in B[k] (r, out) of two preallocated tensors A (cap, in, r) and
+B (cap, r, out), so a step's gather is one index_select on each, straight into bmm's layout. Adapters
 enter a slot the first time a step uses them and leave when they are deleted from the layer, so
 attaching or evicting one adapter copies one adapter, never the whole set (a stack keyed on the
 layer's generation would be rebuilt on every attach: with a thousand adapters over 64 resident
@@ -30,9 +31,9 @@ class Pool:
 
     def __init__(self, layer: nn.Module, r: int, like: torch.Tensor):
         self.r, self.n_in, self.n_out = r, layer.in_features, layer.out_features
-        self.split = self.n_in * r  # where (s·B)ᵀ starts in a packed row
-        with torch.inference_mode(False), torch.no_grad():
-            self.packed = like.new_zeros(4, self.split + r * self.n_out)  # grows by doubling
+        with torch.inference_mode(False), torch.no_grad():  # both grow by doubling
+            self.A = like.new_zeros(4, self.n_in, r)  # slot k: Aᵀ (in, r), zero-padded past the adapter's rank
+            self.B = like.new_zeros(4, r, self.n_out)  # slot k: (s·B)ᵀ (r, out)
         self.slots: dict[str, tuple] = {}  # name -> (slot, A, A._version, B, B._version, scaling)
         self.free: list[int] = list(range(3, -1, -1))
         self.generation = layer.generation
@@ -49,10 +50,9 @@ class Pool:
         k = hit[0] if hit is not None else self._take()
         r = layer.r[name]
         with torch.inference_mode(False), torch.no_grad():
-            row = self.packed[k]
-            row.zero_()
-            row[:self.split].view(self.n_in, self.r)[:, :r] = A.T  # (in, r)
-            row[self.split:].view(self.r, self.n_out)[:r] = (B * s).T  # (r, out)
+            self.A[k].zero_(), self.B[k].zero_()
+            self.A[k][:, :r] = A.T  # (in, r)
+            self.B[k][:r] = (B * s).T  # (r, out)
         self.slots[name] = (k, A, A._version, B, B._version, s)
         return k
 
@@ -68,11 +68,11 @@ class Pool:
 
     def _take(self) -> int:
         if not self.free:
-            cap = self.packed.shape[0]
+            cap = self.A.shape[0]
             with torch.inference_mode(False), torch.no_grad():
-                grown = self.packed.new_zeros(2 * cap, self.packed.shape[1])
-                grown[:cap] = self.packed
-            self.packed = grown
+                A, B = self.A.new_zeros(2 * cap, *self.A.shape[1:]), self.B.new_zeros(2 * cap, *self.B.shape[1:])
+                A[:cap], B[:cap] = self.A, self.B
+            self.A, self.B = A, B
             self.free = list(range(2 * cap - 1, cap - 1, -1))
         return self.free.pop()
 

@@ -13,7 +13,7 @@ With a Pools store (pool.py), slices shorter than `long` tokens (decoding: one t
 so a step over many adapters is many tiny slices), when a rank has at least `gather_min` of them
 in a layer (fewer run faster as GEMMs: one GEMM pair costs about a quarter of a gather on CPU, so
 the default is 4, measured in docs/benchmarks.md), are instead gathered per rank: each token's
-factors are taken from its rank's slot pool (one index_select) and two batched matmuls add all of
+factors are taken from its rank's slot pool (an index_select of A and of B) and two batched matmuls add all of
 that rank's tokens at once, so the number of small ops per layer grows with the ranks present,
 not with the adapters present. Long slices (prefill) keep the per-adapter GEMMs. The gathered
 sum differs from the per-slice GEMMs by float rounding only (scaling folded into B first).
@@ -131,16 +131,17 @@ class TokenPlan:
         if which is None:
             which = self._which[key] = torch.tensor([k for k, (_, a, b) in zip(slots, group) for _ in range(a, b)],
                                                     device=x2.device)
-        rows = pool.packed.index_select(0, which)  # (T, in·r + r·out)
-        A_sel = rows[:, :pool.split].view(-1, pool.n_in, pool.r)  # (T, in, r)
-        B_sel = rows[:, pool.split:].view(-1, pool.r, pool.n_out)  # (T, r, out)
-        if hi - lo == which.shape[0]:  # contiguous (the engine orders a step by rank, then adapter)
-            xs = x2.narrow(0, lo, hi - lo)
-            xs = (xs if xs.dtype == A_sel.dtype else xs.to(A_sel.dtype)).unsqueeze(1)  # (T, 1, in)
+        A_sel, B_sel = pool.A.index_select(0, which), pool.B.index_select(0, which)  # (T, in, r), (T, r, out)
+        T = which.shape[0]
+        if hi - lo == T:  # contiguous (the engine orders a step by rank, then adapter)
+            xs = x2.view(T, 1, -1) if T == x2.shape[0] else x2.narrow(0, lo, T).unsqueeze(1)  # (T, 1, in)
+            if xs.dtype != A_sel.dtype:
+                xs = xs.to(A_sel.dtype)
             if out2.dtype == B_sel.dtype:  # accumulate into the output rows: (T, 1, out) += (T, 1, r)·(T, r, out)
-                out2.narrow(0, lo, hi - lo).unsqueeze(1).baddbmm_(torch.bmm(xs, A_sel), B_sel)
+                (out2.view(T, 1, -1) if T == out2.shape[0] else out2.narrow(0, lo, T).unsqueeze(1)).baddbmm_(
+                    torch.bmm(xs, A_sel), B_sel)
             else:  # fp32 adapters on a bf16 base
-                out2.narrow(0, lo, hi - lo).add_(torch.bmm(torch.bmm(xs, A_sel), B_sel).squeeze(1).to(out2.dtype))
+                out2.narrow(0, lo, T).add_(torch.bmm(torch.bmm(xs, A_sel), B_sel).squeeze(1).to(out2.dtype))
         else:
             tokens = torch.tensor([t for _, lo, hi in group for t in range(lo, hi)], device=x2.device)
             xs = x2.index_select(0, tokens).to(A_sel.dtype).unsqueeze(1)
