@@ -42,10 +42,9 @@ from common import omp_wait_policy  # noqa: E402  (sets OMP_WAIT_POLICY; common 
 OMP_WAIT = omp_wait_policy(sys.argv[1:])
 
 import torch  # noqa: E402  (after OMP_WAIT_POLICY is set)
-from common import interleaved, machine_info, ms, peak_step_memory, ratio, write_report  # noqa: E402
+from common import SMOLLM2_135M, interleaved, machine_info, ms, peak_step_memory, ratio, write_report  # noqa: E402
 
-MODEL = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-             num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048)
+MODEL = SMOLLM2_135M
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

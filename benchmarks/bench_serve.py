@@ -1,6 +1,6 @@
 """Serving throughput and time to first token on loopback: lorakit serve vs transformers serve vs naive PEFT.
 
-    python benchmarks/bench_serve.py [--model DIR] [--clients 1 8 32] [--max-tokens 32] [--rounds 2] [--repeats 3]
+    python benchmarks/bench_serve.py [--model DIR | --shape tiny|smollm2-135m] [--clients 1 8 32] [--max-tokens 32] [--rounds 2] [--repeats 3]
     python benchmarks/bench_serve.py --adapters 1000 [...]   the S-LoRA scale mode: serve_scale.py
 
 Each server runs as its own process (one torch thread each: OMP_NUM_THREADS=1); all are started
@@ -12,8 +12,9 @@ time; TTFT is arrival to first streamed chunk (p50 / p99 over requests).
 Servers: lorakit base only, lorakit with 1 adapter, lorakit with 16 adapters mixed (request i uses
 adapter i % 16), `transformers serve --continuous-batching` (base only; it has no adapters) and a naive
 PEFT server (one request at a time: set_adapter, then generate; no streaming, so its TTFT is its
-latency). The model is a tiny random Llama (hidden 64, 2 layers, SmolLM2's 49152-token vocabulary)
-unless --model says otherwise; adapters are random, r=8 on every linear layer.
+latency). The model is a random Llama with SmolLM2's 49152-token vocabulary, tiny (hidden 64, 2 layers)
+or `--shape smollm2-135m` (the default model's shape: hidden 576, 30 layers), unless --model says
+otherwise; adapters are random, r=8 on every linear layer.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import SMOLLM2_135M  # noqa: E402
+
 PY = sys.executable
 HERE = Path(__file__).resolve().parent
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex".split()
@@ -40,7 +44,16 @@ def prompts(n: int) -> list[str]:
     return [" ".join(WORDS[: 3 + (7 * i) % 12] * (1 + i % 3)) for i in range(n)]
 
 
-def make_model(folder: Path, hidden: int = 64, layers: int = 2) -> Path:
+SHAPES = {  # name -> LlamaConfig fields (the vocabulary and tied head come from make_model)
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512),
+    # the default model's shape, random weights: the same work per token
+    "smollm2-135m": {k: v for k, v in SMOLLM2_135M.items() if k not in ("vocab_size", "tie_word_embeddings")},
+}
+
+
+def make_model(folder: Path, fields: dict = SHAPES["tiny"]) -> Path:
+    """A random Llama with config `fields` (SHAPES), SmolLM2's tokenizer and 49152-token vocabulary, tied head."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     import importlib.util
@@ -48,9 +61,8 @@ def make_model(folder: Path, hidden: int = 64, layers: int = 2) -> Path:
     tok = AutoTokenizer.from_pretrained(list(spec.submodule_search_locations)[0],
                                         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(vocab_size=len(tok), **fields, tie_word_embeddings=True,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
@@ -238,7 +250,9 @@ def naive_server(model_dir: str, adapters: str, port: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="model folder (default: a tiny random Llama made here)")
+    p.add_argument("--model", help="model folder (default: a random Llama of --shape made here)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="tiny",
+                   help="the random model's shape: tiny (hidden 64, 2 layers) or smollm2-135m (576, 30 layers)")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=2, help="requests per client, one after another")
@@ -257,7 +271,7 @@ def main() -> None:
     if args.naive_server:
         return naive_server(args.naive_server[0], args.naive_server[1], int(args.naive_server[2]))
     work = Path(tempfile.mkdtemp(prefix="bench_serve_"))
-    model = Path(args.model) if args.model else make_model(work / "model")
+    model = Path(args.model) if args.model else make_model(work / "model", SHAPES[args.shape])
     adapters = make_adapters(model, work / "adapters")
     serve = [PY, "-m", "lorakit", "serve", "--model", str(model), "--adapters", str(adapters), "--threads", "1",
              "--max-loaded", "16", "--max-batch-tokens", "256"]

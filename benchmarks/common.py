@@ -17,6 +17,10 @@ import time
 from pathlib import Path
 
 
+# SmolLM2-135M-Instruct's shape (the default model): the benchmarks' "real size" random Llama
+SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048)
+
 def omp_wait_policy(argv: list[str]) -> str:
     """Set OMP_WAIT_POLICY before torch loads OpenMP (default PASSIVE; --omp-wait passive|active|default).
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import httpx
 
-from bench_serve import PY, load, make_model, wait_ready
+from bench_serve import PY, SHAPES, load, make_model, wait_ready
 
 KINDS = [(8, ["q_proj", "k_proj", "v_proj", "o_proj"]), (16, ["q_proj", "k_proj", "v_proj", "o_proj"]),
          (8, "all-linear"), (16, "all-linear")]
@@ -109,7 +109,8 @@ def main(n_adapters: int, argv: list[str]) -> None:
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "serve-scale"))
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="serve_scale_"))
-    model = make_model(work / "model", args.hidden, args.layers)
+    model = make_model(work / "model", {**SHAPES["tiny"], "hidden_size": args.hidden,
+                                             "intermediate_size": 2 * args.hidden, "num_hidden_layers": args.layers})
     root = write_adapters(model, work / "adapters", n_adapters)
     disk = sum(f.stat().st_size for f in root.rglob("adapter_model.safetensors"))
     print(json.dumps({"model": f"Llama hidden {args.hidden}, {args.layers} layers, intermediate {2 * args.hidden}, "

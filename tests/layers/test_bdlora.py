@@ -19,6 +19,7 @@ from conftest import tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
 from peft.tuners.lora.config import BdLoraConfig as PeftBdLoraConfig  # noqa: E402
+from peft_pairs import assert_same_params, lora_params, randomized
 
 LLAMA_BD = dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"], r=4, lora_alpha=8)
 LLAMA_BLOCKS = dict(target_modules_bd_a=["o_proj", "down_proj"], target_modules_bd_b=["q_proj", "k_proj", "v_proj"],
@@ -42,11 +43,6 @@ MLP_CASES = {  # PEFT's own test cases (test_custom_models.py), and nblocks=4 on
 }
 
 
-def _lora_params(model) -> dict:
-    """Adapter tensors under one naming: PEFT's `lora_A.default.weight` and lorakit's `lora_A.default`."""
-    return {n.removesuffix(".weight"): p for n, p in model.named_parameters() if ".lora_" in n}
-
-
 def _pair(make, peft_kwargs, ours_kwargs, seed=1):
     """(PEFT model, lorakit model) on two copies of one base, each adapter drawn from the same seed."""
     base = make()
@@ -64,20 +60,11 @@ def _mlp_pair(case, init=True):
                  {**kw, "use_bdlora": BdLoraConfig(**MLP_CASES[case])})
 
 
-def _assert_same_params(theirs, ours, atol=0.0):
-    a, b = _lora_params(theirs), _lora_params(ours)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].shape == b[k].shape, k
-        assert a[k].requires_grad == b[k].requires_grad, k
-        torch.testing.assert_close(b[k], a[k], atol=atol, rtol=0 if atol == 0 else 1e-5, msg=k)
-
-
 @pytest.mark.parametrize("init", [True, False])
 @pytest.mark.parametrize("case", list(MLP_CASES))
 def test_init_and_forward_match_peft(case, init):
     theirs, ours = _mlp_pair(case, init)
-    _assert_same_params(theirs, ours)
+    assert_same_params(theirs, ours)
     x = torch.randn(6, 12)
     torch.testing.assert_close(ours(x), theirs(x), atol=1e-6, rtol=1e-5)
     bd = MLP_CASES[case]
@@ -99,7 +86,7 @@ def test_training_steps_match_peft(case):
             model(x).pow(2).mean().backward()
             opt.step()
             opt.zero_grad()
-    _assert_same_params(theirs, ours, atol=1e-6)
+    assert_same_params(theirs, ours, atol=1e-6)
     assert ours.base_model.model.lin1.lora_B["default"].any()  # it trained
     torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
 
@@ -108,7 +95,7 @@ def test_llama_training_matches_peft(ids):
     """q/k/v with a block-diagonal B, o/down with a block-diagonal A (PEFT's advice for sharded serving)."""
     theirs, ours = _pair(tiny_llama, {**LLAMA_BD, "use_bdlora": PeftBdLoraConfig(**LLAMA_BLOCKS)},
                          {**LLAMA_BD, "use_bdlora": LLAMA_BLOCKS})
-    _assert_same_params(theirs, ours)
+    assert_same_params(theirs, ours)
     for model in (theirs, ours):
         model.train()
         torch.manual_seed(7)  # the same dropout masks in both
@@ -118,24 +105,15 @@ def test_llama_training_matches_peft(ids):
             opt.step()
             opt.zero_grad()
         model.eval()
-    _assert_same_params(theirs, ours, atol=1e-5)
+    assert_same_params(theirs, ours, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
-
-
-def _trained(model, seed=3):
-    """Give every adapter tensor random values (so B is not zero)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in _lora_params(model).values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model
 
 
 def test_files_load_both_ways(tmp_path, ids):
     theirs, ours = _pair(tiny_llama, {**LLAMA_BD, "use_bdlora": PeftBdLoraConfig(**LLAMA_BLOCKS)},
                          {**LLAMA_BD, "use_bdlora": PeftBdLoraConfig(**LLAMA_BLOCKS)}, seed=2)
-    _trained(theirs, seed=5), _trained(ours, seed=6)
+    randomized(theirs, seed=5), randomized(ours, seed=6)
     theirs.save_pretrained(tmp_path / "peft")
     ours.save_pretrained(tmp_path / "ours")
     from safetensors.torch import load_file
@@ -153,7 +131,7 @@ def test_files_load_both_ways(tmp_path, ids):
 
 
 def test_merge_equals_unmerged_and_unmerge_restores(ids):
-    model = _trained(lorakit.get_peft_model(tiny_llama(), LoraConfig(**LLAMA_BD, use_bdlora=LLAMA_BLOCKS)))
+    model = randomized(lorakit.get_peft_model(tiny_llama(), LoraConfig(**LLAMA_BD, use_bdlora=LLAMA_BLOCKS)))
     W0 = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
     assert len(W0) == 2 * 5
     with torch.no_grad():
@@ -238,8 +216,8 @@ def test_bf16_base_matches_peft(ids):
                                                                     target_modules_bd_b=["q_proj"], nblocks=2)
     theirs, ours = _pair(lambda: tiny_llama().to(torch.bfloat16), {**kw, "use_bdlora": PeftBdLoraConfig(**bd)},
                          {**kw, "use_bdlora": bd})
-    _assert_same_params(theirs, ours)
-    assert all(p.dtype == torch.float32 for p in _lora_params(ours).values())
+    assert_same_params(theirs, ours)
+    assert all(p.dtype == torch.float32 for p in lora_params(ours).values())
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-3, rtol=0)
         theirs.merge_adapter(), ours.merge_adapter()

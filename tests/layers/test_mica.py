@@ -15,6 +15,7 @@ from torch import nn
 import lorakit
 from lorakit import LoraConfig, LorakitError
 from conftest import tiny_gpt2, tiny_llama
+from peft_pairs import assert_same_params, lora_params, randomized
 
 peft = pytest.importorskip("peft")
 
@@ -23,13 +24,6 @@ CASES = {  # model, targets (linear; GPT-2's fused Conv1D; an embedding next to 
     "gpt2": (tiny_gpt2, ["c_attn", "c_fc"]),
     "embedding": (tiny_llama, ["embed_tokens", "o_proj"]),
 }
-
-
-def _lora_params(model) -> dict:
-    """Adapter tensors under one naming: PEFT's `lora_A.default.weight` / `lora_embedding_A.default` and
-    lorakit's `lora_A.default`."""
-    return {n.removesuffix(".weight").replace("lora_embedding_", "lora_"): p
-            for n, p in model.named_parameters() if ".lora_" in n}
 
 
 def _pair(case, seed=1, **kw):
@@ -43,19 +37,11 @@ def _pair(case, seed=1, **kw):
     return theirs, ours
 
 
-def _assert_same_params(theirs, ours, atol=0.0):
-    a, b = _lora_params(theirs), _lora_params(ours)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].requires_grad == b[k].requires_grad, k
-        torch.testing.assert_close(b[k], a[k], atol=atol, rtol=0 if atol == 0 else 1e-5, msg=k)
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_init_matches_peft_and_b_is_frozen(case, ids):
     theirs, ours = _pair(case)
-    _assert_same_params(theirs, ours)
-    params = _lora_params(ours)
+    assert_same_params(theirs, ours)
+    params = lora_params(ours)
     A = [p for k, p in params.items() if ".lora_A." in k]
     B = [p for k, p in params.items() if ".lora_B." in k]
     assert A and all(not a.any() and a.requires_grad for a in A)  # A = 0 and trainable
@@ -76,7 +62,7 @@ def test_init_matches_peft_and_b_is_frozen(case, ids):
 @pytest.mark.parametrize("case", ["gpt2", "embedding"])
 def test_training_matches_peft_and_leaves_b_alone(case, ids):
     theirs, ours = _pair(case)
-    B0 = {k: p.detach().clone() for k, p in _lora_params(ours).items() if ".lora_B." in k}
+    B0 = {k: p.detach().clone() for k, p in lora_params(ours).items() if ".lora_B." in k}
     for model in (theirs, ours):
         model.train()
         torch.manual_seed(7)  # the same dropout masks in both
@@ -86,26 +72,17 @@ def test_training_matches_peft_and_leaves_b_alone(case, ids):
             opt.step()
             opt.zero_grad()
         model.eval()
-    _assert_same_params(theirs, ours, atol=1e-5)
-    after = _lora_params(ours)
+    assert_same_params(theirs, ours, atol=1e-5)
+    after = lora_params(ours)
     assert all(torch.equal(after[k], B0[k]) for k in B0)
     assert all(after[k].abs().sum() > 0 for k in after if ".lora_A." in k)  # A learnt
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
 
 
-def _trained(model, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for k, p in _lora_params(model).items():
-            if ".lora_A." in k:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model
-
-
 def test_files_load_both_ways(tmp_path, ids):
     theirs, ours = _pair("embedding", seed=2)
-    _trained(theirs, 5), _trained(ours, 6)
+    randomized(theirs, 5, only=".lora_A."), randomized(ours, 6, only=".lora_A.")
     theirs.save_pretrained(tmp_path / "peft")
     ours.save_pretrained(tmp_path / "ours")
     loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours")
@@ -114,7 +91,7 @@ def test_files_load_both_ways(tmp_path, ids):
     back = lorakit.PeftModel.from_pretrained(tiny_llama(), tmp_path / "peft", is_trainable=True)
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
-    trainable = {k for k, p in _lora_params(back).items() if p.requires_grad}
+    trainable = {k for k, p in lora_params(back).items() if p.requires_grad}
     assert trainable and all(".lora_A." in k for k in trainable)  # as PEFT: B stays frozen after loading
 
 
@@ -129,7 +106,7 @@ def test_set_adapter_keeps_b_frozen():
 
 def test_merge_equals_unmerged(ids):
     _, ours = _pair("embedding")
-    _trained(ours)
+    randomized(ours, only=".lora_A.")
     W0 = {n: p.detach().clone() for n, p in ours.named_parameters() if "base_layer" in n}
     with torch.no_grad():
         expected = ours(input_ids=ids).logits

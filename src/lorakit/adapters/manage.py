@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import ALL_LINEAR, LoraConfig
 from ..errors import LorakitError
-from ..layers import LoraLayer
+from ..layers import LoraLayer, Variant
 from ..layers.kasa import kasa_loss as _layer_kasa_loss
 from ..layers.gptq import keep_trainable
 from . import variants
@@ -142,10 +142,10 @@ def set_trainable(model: nn.Module, name: str, flag: bool) -> None:
     A stays frozen for LoRA-FA."""
     fa = configs(model)[name].lora_fa if name in configs(model) else False
     for _, layer in lora_layers(model):
-        frozen = [getattr(layer, s) for s in getattr(layer.variants.get(name), "frozen", ())]  # MiCA's B
-        samplers = getattr(layer, "lora_monteclora_sampler", {})  # MonteCLoRA's variational parameters
+        variant = layer.variants.get(name) or Variant()  # plain LoRA: no stores of its own, nothing frozen
+        frozen = [getattr(layer, s) for s in variant.frozen]
         for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector, layer.lora_bias, layer.lora_diag,
-                      samplers):
+                      *variant.stores(layer)):
             if name in store:
                 store[name].requires_grad_(flag and not (fa and store is layer.lora_A)
                                            and not any(store is f for f in frozen))

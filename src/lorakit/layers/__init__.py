@@ -1,7 +1,7 @@
 """The ground floor: the LoRA math on one layer. Imports torch and lorakit.errors only.
 
-    layer.py      LoraLayer (add/delete, forward, delta weight, merge/unmerge), the per-call row plan
-                  (a context variable)
+    layer.py      LoraLayer (add/delete, forward, delta weight), the per-call row plan (a context variable)
+    merging.py    merge / unmerge: adapters folded into the base weight (and bias) and taken out again
     variant.py    the Variant protocol: the hooks a variant object (DoRA, BD-LoRA, ...) overrides
     bases.py      base kinds (Linear, Conv1D, Embedding, Conv1d/2d/3d, MultiheadAttention) behind one registry
     mha.py        nn.MultiheadAttention: in_proj and out_proj adapters, the adapted attention forward
@@ -17,7 +17,7 @@
     monteclora.py MonteCLoRA as a variant object with its sampler (sampled A in training, plain LoRA in eval)
     mixed.py      per-row adapters in one forward (RowPlan, the stacked and segment paths; modules_to_save rows)
     tokens.py     per-token adapters in one flat (1, N) forward (TokenPlan, for serving steps)
-    pool.py       slot pools: per layer and rank, adapters packed in slots (gathered per token)
+    pool.py       slot pools: per layer and rank, adapters' factors in slots (gathered per token)
     fused.py      the training fast path: one autograd node per LoRA linear
     recompute.py  training memory: rebuild a LoRA layer's input in backward from what the base keeps
 """

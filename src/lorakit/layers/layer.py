@@ -1,4 +1,4 @@
-"""The LoRA layer: h = base(x) + s · B(A(dropout(x))), with merge and unmerge.
+"""The LoRA layer: h = base(x) + s · B(A(dropout(x))); merge and unmerge in merging.py.
 
 One class wraps any base layer that has a registered base kind (bases.py: nn.Linear, GPT-2's Conv1D,
 nn.Embedding, nn.Conv1d/2d/3d, nn.MultiheadAttention (mha.py); bnb.py: bitsandbytes 4/8-bit) without
@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import LorakitError, MergeError, UnsupportedError
-from . import bases, mha, param, pissa
+from ..errors import LorakitError, UnsupportedError
+from . import bases, merging, mha, param, pissa
 from .fused import lora_linear
 from .variant import Variant
 
@@ -361,61 +361,13 @@ class LoraLayer(nn.Module):
 
     # -- merge -----------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def merge(self, names: list[str] | None = None, safe: bool = False) -> None:
-        """Fold adapters into the base weight: W <- W + s·BA (a variant computes its own merged weight)."""
-        if self._offloaded():
-            raise LorakitError(f"{self._label()}: cannot merge into an offloaded base weight (meta device); load the "
-                               "model without disk offload (no model_kwargs.device_map / max_memory) to merge")
-        for name in names if names is not None else self.active_adapters:
-            if name in self.merged_adapters or name not in self.lora_A:
-                continue
-            if name in self.lora_bias and getattr(self.base_layer, "bias", None) is None:
-                raise MergeError(f"Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias: "
-                                 f"adapter {name!r}, {self._label()}; keep the adapter unmerged")
-            W = self.dense_weight()
-            variant = self.variants.get(name)
-            if variant:  # its norm is of the weight without the adapters merged before (what forward sees)
-                base = self._unmerged_dense_weight() if self.merged_adapters else None
-                new_W = variant.merged_weight(self, name, W, base)
-            else:
-                new_W = W + self.delta_weight(name).to(W.dtype)
-            if safe and not torch.isfinite(new_W).all():
-                raise LorakitError(f"merging adapter {name!r} would put NaN/Inf into {self._label()}; "
-                                   "the adapter weights are broken (check training for divergence)")
-            self._set_dense_weight(new_W)
-            self._merge_bias(name, +1)
-            self.merged_adapters.append(name)
-        if self.kind == "mha":
-            self.base_layer.out_proj.merge(names, safe)
+        """Fold adapters into the base weight: W <- W + s·BA (merging.py; a variant computes its own)."""
+        merging.merge(self, names, safe)
 
-    @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo merges in reverse order; restores W0 up to float rounding."""
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            W = self.dense_weight()
-            variant = self.variants.get(name)
-            self._set_dense_weight(variant.unmerged_weight(self, name, W) if variant
-                                   else W - self.delta_weight(name).to(W.dtype))
-            self._merge_bias(name, -1)
-        if self.kind == "mha":
-            self.base_layer.out_proj.unmerge()
-
-    def _unmerged_dense_weight(self) -> torch.Tensor:
-        """A copy of the dense weight with the merged adapters taken out again (last merged first)."""
-        W = self.dense_weight().detach().clone()
-        for name in reversed(self.merged_adapters):
-            variant = self.variants.get(name)
-            W = (variant.unmerged_weight(self, name, W, forget=False) if variant
-                 else W - self.delta_weight(name).to(W.dtype))
-        return W
-
-    def _merge_bias(self, name: str, sign: int) -> None:
-        """Fold s·(B's bias) into the base bias (sign +1) or take it out again (-1)."""
-        if name in self.lora_bias:
-            b = self.base_layer.bias
-            b.data += sign * self.scaling[name] * self.lora_bias[name].to(b.dtype)
+        """Undo merges in reverse order; restores W0 up to float rounding (merging.py)."""
+        merging.unmerge(self)
 
     def _set_dense_weight(self, W: torch.Tensor) -> None:
         self.base_kind.set_weight(self.base_layer, W)

@@ -141,6 +141,9 @@ class MonteCLoRA(Variant):
         for p in samplers[name].parameters() if name in samplers else ():
             p.data = p.data.float()
 
+    def stores(self, layer: LoraLayer) -> tuple:
+        return (getattr(layer, SAMPLERS),) if hasattr(layer, SAMPLERS) else ()
+
     def deleted(self, layer: LoraLayer, name: str) -> None:
         samplers = getattr(layer, SAMPLERS, None)
         if samplers is not None and name in samplers:

@@ -18,6 +18,12 @@ class Variant:
 
     name = "lora"
     lora_bias = False  # whether B may have a bias (PEFT's lora_bias) with this variant
+    frozen: tuple[str, ...] = ()  # the layer's stores whose tensor of this adapter never trains (MiCA: lora_B)
+
+    def stores(self, layer: nn.Module) -> tuple:
+        """The variant's own per-adapter stores on the layer (name -> parameter or module), which train and
+        freeze with the adapter's A and B (MonteCLoRA's samplers)."""
+        return ()
 
     def check(self, layer: nn.Module) -> None:
         """Raise LorakitError if the variant cannot run on this layer (called before the adapter exists)."""
