@@ -92,6 +92,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--ranks", type=int, nargs="+", default=[8, 16], help="adapter ranks, in turn")
+    p.add_argument("--gather-min", type=int, default=4, help="short slices of a rank from which the pool paths "
+                   "gather (1: always, to compare the paths at few adapters)")
     args = p.parse_args()
     torch.set_num_threads(1)
     model = small_llama(args.hidden, args.layers)
@@ -102,7 +104,7 @@ def main() -> None:
     engines = {}
     for path in ["segments", *args.paths]:  # one engine (and its slot pools) per path, reused
         engines[path] = Engine(model, Tok(), registry, max_batch_tokens=4096, max_running=args.sequences,
-                               lora_path=path)
+                               lora_path=path, gather_min=args.gather_min)
         engines[path].eos = set()
     for round_ in range(args.rounds + 1):  # round 0 warms up: reads, attaches, pool slots
         for path, k in cases:

@@ -80,13 +80,14 @@ class Engine:
 
     def __init__(self, model, tokenizer, registry, max_batch_tokens: int = 256, max_running: int = 64,
                  max_model_len: int | None = None, metrics=None, max_wait_s: float = 2.0,
-                 lora_path: str = "ranks"):
+                 lora_path: str = "ranks", gather_min: int = 4):
         self.model, self.tokenizer, self.registry, self.metrics = model, tokenizer, registry, metrics
         self.budget, self.max_running = max(1, max_batch_tokens), max_running
         self.max_wait_s = max_wait_s
         if lora_path not in LORA_PATHS:
             raise LorakitError(f"lora_path {lora_path!r} must be one of {sorted(LORA_PATHS)}")
         self.pools = LORA_PATHS[lora_path]()  # the slot pools of this engine (None: per-adapter GEMMs only)
+        self.gather_min = gather_min  # a rank's short slices in a layer from which they are gathered (TokenPlan)
         self.max_model_len = max_model_len or getattr(model.config, "max_position_embeddings", None) or 2048
         self.eos = _eos_ids(model, tokenizer)
         self.configs = attention_configs(model)
@@ -199,7 +200,7 @@ class Engine:
             bounds.append((lo, len(ids)))
             if req.kv.length + len(tokens) == len(req.prompt_ids) + len(req.out_ids):
                 emit.append((req, len(ids) - 1))
-        plan = TokenPlan(names, [names[i] for _, i in emit], self.pools)
+        plan = TokenPlan(names, [names[i] for _, i in emit], self.pools, gather_min=self.gather_min)
         layout = StepLayout([req.kv for req, _ in batch], bounds)
         device = next(self.model.parameters()).device
         with torch.inference_mode(), using_row_plan(plan), running(self.configs, layout):
