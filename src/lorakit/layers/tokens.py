@@ -32,9 +32,9 @@ from ..errors import LorakitError
 from .mixed import BASE
 
 
-def slices_of(names: list[str]) -> dict[str, tuple[int, int]]:
-    """adapter -> (lo, hi) for a list of names in which each adapter's entries are contiguous; the base
-    gets no slice (nothing to add)."""
+def slices_of(names: list[str]) -> list[tuple[str, int, int]]:
+    """(adapter, lo, hi) in token order for a list of names in which each adapter's entries are
+    contiguous; the base gets no slice (nothing to add)."""
     out: dict[str, tuple[int, int]] = {}
     lo = 0
     for i in range(1, len(names) + 1):
@@ -45,7 +45,7 @@ def slices_of(names: list[str]) -> dict[str, tuple[int, int]]:
                                        "step's requests by adapter")
                 out[names[lo]] = (lo, i)
             lo = i
-    return out
+    return [(name, lo, hi) for name, (lo, hi) in out.items()]
 
 
 class TokenPlan:
@@ -54,10 +54,8 @@ class TokenPlan:
 
     def __init__(self, names: list[str], emit_names: list[str], pools=None, long: int = 16, gather_min: int = 4):
         self.n, self.n_emit = len(names), len(emit_names)
-        self.tokens = slices_of(list(names))
-        self.emits = slices_of(list(emit_names))
-        self._tokens = [(name, lo, hi) for name, (lo, hi) in self.tokens.items()]  # what apply walks
-        self._emits = [(name, lo, hi) for name, (lo, hi) in self.emits.items()]
+        self.tokens = slices_of(list(names))  # what apply walks for layers that see all N tokens
+        self.emits = slices_of(list(emit_names))  # ... and for those that see the K emitting rows
         self.pools, self.long, self.gather_min = pools, long, gather_min
         self._which: dict = {}  # (slots, token ranges, device) -> the gather index (this plan's step only)
 
@@ -65,13 +63,13 @@ class TokenPlan:
         """result (1, n, out) plus each slice's adapter output, in place.
 
         This runs for every LoRA layer of every serving step, so it is written for few Python ops (each
-        costs several microseconds here, as much as a small GEMM): slices as a precomputed list,
+        costs several microseconds here, as much as a small GEMM): slices precomputed per plan,
         narrow instead of indexing, no casts or slices when they would change nothing, and the
         factors read from the ParameterDicts' own tables (ParameterDict.__getitem__ is a getattr)."""
         embedding = layer.kind == "embedding"
         x2 = x.reshape(-1) if embedding else x.reshape(-1, x.shape[-1])  # (n,) ids or (n, in)
         n = x2.shape[0]
-        slices = self._tokens if n == self.n else self._emits if n == self.n_emit else None
+        slices = self.tokens if n == self.n else self.emits if n == self.n_emit else None
         if slices is None:
             raise LorakitError(f"a TokenPlan for {self.n} tokens ({self.n_emit} emitting) reached a layer "
                                f"with {n}; the plan is for flat (1, N) serving steps only")
@@ -80,7 +78,7 @@ class TokenPlan:
         out2 = result.view(-1, result.shape[-1])  # (n, out): a view, written in place
         ranks, variants, pools = layer.r, layer.variants, self.pools
         gather = pools is not None and not embedding
-        short: dict[int, list[tuple[str, int, int]]] | None = None  # rank -> short slices gathered together
+        short: dict[int, list[tuple[str, int, int]]] = {}  # rank -> short slices gathered together
         for name, lo, hi in slices:
             r = ranks.get(name)
             if r is None:
@@ -89,12 +87,10 @@ class TokenPlan:
                 raise LorakitError(f"adapter {name!r} is {variants[name].name}; per-token batches "
                                    "support plain LoRA adapters only")
             if gather and hi - lo < self.long:
-                if short is None:
-                    short = {}
                 short.setdefault(0 if pools.padded else r, []).append((name, lo, hi))
                 continue
             self._segment(layer, x2, out2, name, lo, hi, embedding)
-        for group in (short or {}).values():
+        for group in short.values():
             if len(group) >= self.gather_min:
                 self._gathered(layer, x2, out2, max(ranks[name] for name, _, _ in group), group)
             else:
