@@ -87,13 +87,14 @@ def test_trained_outputs_and_merge_match_peft():
     before = lk(x)
     lk.merge_adapter()
     p.merge_adapter()
-    torch.testing.assert_close(lk(x), before, rtol=0, atol=1e-5)
-    torch.testing.assert_close(lk(x), p(x), rtol=0, atol=1e-5)
+    # merged, the same sums in another order: outputs of magnitude ~50 differ by a few fp32 ulps
+    torch.testing.assert_close(lk(x), before, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lk(x), p(x), rtol=1e-5, atol=1e-5)
     lk.unmerge_adapter()
     torch.testing.assert_close(layer.base_layer.weight, W, rtol=0, atol=1e-6)  # back to the *truncated* weight
     merged = lk.merge_and_unload()
     assert not any(isinstance(m, lorakit.LoraLayer) for m in merged.modules())
-    torch.testing.assert_close(merged(x), before, rtol=0, atol=1e-5)
+    torch.testing.assert_close(merged(x), before, rtol=1e-5, atol=1e-5)
 
 
 def test_gradients_reach_the_diagonal_and_factors_only():
