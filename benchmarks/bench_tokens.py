@@ -9,6 +9,8 @@ decoding step (engine.Engine lora_path):
     segments  one GEMM pair per adapter present per layer (TokenPlan's slices)
     ranks     each token's factors gathered from its rank's slot pool, two bmm per rank per layer
     padded    the same from one pool padded to the largest rank
+    kernel    ranks, each group one call of the compiled BGMV kernel (layers/bgmv.py: factors read in
+              place; the engine's default on CPU when it builds)
 Reported: decode tokens per CPU-second of the engine thread (robust to other jobs on the machine;
 median over `rounds`, interleaved, after a warm-up round that reads and attaches the adapters and
 fills the slot pools), and each ratio to base only.
@@ -88,7 +90,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--sequences", type=int, default=64)
     p.add_argument("--distinct", type=int, nargs="+", default=[1, 4, 16, 64])
-    p.add_argument("--paths", nargs="+", default=["segments", "ranks", "padded"])
+    p.add_argument("--paths", nargs="+", default=["segments", "ranks", "padded", "kernel"])
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--ranks", type=int, nargs="+", default=[8, 16], help="adapter ranks, in turn")
@@ -104,7 +106,8 @@ def main() -> None:
     engines = {}
     for path in ["segments", *args.paths]:  # one engine (and its slot pools) per path, reused
         engines[path] = Engine(model, Tok(), registry, max_batch_tokens=4096, max_running=args.sequences,
-                               lora_path=path, gather_min=args.gather_min)
+                               lora_path="ranks" if path == "kernel" else path, gather_min=args.gather_min,
+                               kernel="auto" if path == "kernel" else "off")
         engines[path].eos = set()
     for round_ in range(args.rounds + 1):  # round 0 warms up: reads, attaches, pool slots
         for path, k in cases:

@@ -1,5 +1,6 @@
 """The serving engine: greedy tokens equal plain `generate` per request, whatever else is in the batch."""
 
+import logging
 import threading
 import time
 
@@ -8,7 +9,8 @@ import torch
 
 import lorakit
 from conftest import tiny_llama
-from lorakit.layers import BASE
+from lorakit.errors import LorakitError
+from lorakit.layers import BASE, bgmv
 from lorakit.serve.engine import Engine, Request
 from lorakit.serve.registry import Registry
 from lorakit.serve.sampling import SamplingParams
@@ -271,3 +273,28 @@ def test_greedy_ids_take_the_first_maximum_like_torch_argmax():
     assert greedy_ids(logits) == logits.argmax(-1).tolist()
     assert greedy_ids(logits)[1] == 7 and greedy_ids(logits)[2] == 0
     assert greedy_ids(logits.bfloat16()) == logits.bfloat16().float().argmax(-1).tolist()
+
+
+def test_a_failed_build_falls_back_with_the_reason(monkeypatch, caplog):
+    monkeypatch.setattr(bgmv._Built, "tried", False)
+    monkeypatch.setattr(bgmv._Built, "module", None)
+    monkeypatch.setattr(bgmv._Built, "why", None)
+
+    def no_compiler():
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(bgmv, "_build", no_compiler)
+    model = tiny_llama()
+    with caplog.at_level(logging.WARNING, logger="lorakit.serve"):
+        engine = Engine(model, Tok(), Registry(model, None, "tiny"))
+    assert engine.kernel is None and "Ninja is required" in bgmv.why_not()
+    assert "BGMV kernel" in caplog.text and "lorakit[serve]" in caplog.text
+    assert bgmv.load() is None and caplog.text.count("BGMV kernel") == 1  # said once
+
+
+def test_engine_kernel_setting():
+    model = tiny_llama()
+    with pytest.raises(LorakitError, match="kernel 'fast' must be"):
+        Engine(model, Tok(), Registry(model, None, "tiny"), kernel="fast")
+    assert Engine(model, Tok(), Registry(model, None, "tiny"), kernel="off").kernel is None
+    assert Engine(model, Tok(), Registry(model, None, "tiny"), lora_path="segments").kernel is None

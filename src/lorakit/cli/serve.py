@@ -23,6 +23,9 @@ def add(sub) -> None:
     p.add_argument("--lora-path", choices=["ranks", "padded", "segments"], default="ranks",
                    help="decoding tokens of many adapters: gathered per rank from slot pools (ranks), from one pool "
                    "padded to the largest rank (padded), or one GEMM pair per adapter (segments)")
+    p.add_argument("--lora-kernel", choices=["auto", "off"], default="auto",
+                   help="on CPU, read the pools in place with the compiled BGMV kernel (auto: when a C++ compiler "
+                   "and ninja can build it; off: the torch gather)")
     p.add_argument("--max-running", type=positive_int, default=64, help="sequences in the running batch at most")
     p.add_argument("--max-wait", type=float, default=2.0, metavar="SECONDS",
                    help="the scheduler prefers resident adapters, but never past a request waiting this long")
@@ -50,5 +53,5 @@ def run(args) -> int:
           extend=extend, api_key=args.api_key, admin_key=args.admin_key, max_batch_tokens=args.max_batch_tokens,
           max_queue=args.max_queue, max_model_len=args.max_model_len, threads=args.threads,
           host_cache_bytes=args.host_cache_bytes, rescan_s=args.rescan or None, max_wait_s=args.max_wait,
-          lora_path=args.lora_path, max_running=args.max_running)
+          lora_path=args.lora_path, lora_kernel=args.lora_kernel, max_running=args.max_running)
     return 0

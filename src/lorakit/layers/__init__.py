@@ -18,6 +18,7 @@
     mixed.py      per-row adapters in one forward (RowPlan, the stacked and segment paths; modules_to_save rows)
     tokens.py     per-token adapters in one flat (1, N) forward (TokenPlan, for serving steps)
     pool.py       slot pools: per layer and rank, adapters' factors in slots (gathered per token)
+    bgmv.py       the compiled BGMV kernel (bgmv.cpp): gathered tokens read the pools in place (CPU, fp32)
     fused.py      the training fast path: one autograd node per LoRA linear
     recompute.py  training memory: rebuild a LoRA layer's input in backward from what the base keeps
 """

@@ -16,7 +16,9 @@ the default is 4, measured in docs/benchmarks.md), are instead gathered per rank
 factors are taken from its rank's slot pool (an index_select of A and of B) and two batched matmuls add all of
 that rank's tokens at once, so the number of small ops per layer grows with the ranks present,
 not with the adapters present. Long slices (prefill) keep the per-adapter GEMMs. The gathered
-sum differs from the per-slice GEMMs by float rounding only (scaling folded into B first).
+sum differs from the per-slice GEMMs by float rounding only (scaling folded into B first). With a
+`kernel` (bgmv.py: compiled, fp32 on CPU) a contiguous group is one call that reads the factors in
+the pools instead of copying them out.
 
 A RowPlan (mixed.py) routes batch rows; this routes tokens. Both are handed to the layer through
 layer.using_row_plan and applied as plan.apply(layer, x, result).
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LorakitError
+from . import bgmv
 from .mixed import BASE
 
 
@@ -52,11 +55,13 @@ class TokenPlan:
     """Token i of a flat (1, N) forward runs adapter names[i]; row j of the K emitting rows runs
     emit_names[j] (layers that see K rows: the output head under logits_to_keep)."""
 
-    def __init__(self, names: list[str], emit_names: list[str], pools=None, long: int = 16, gather_min: int = 4):
+    def __init__(self, names: list[str], emit_names: list[str], pools=None, long: int = 16, gather_min: int = 4,
+                 kernel=None):
         self.n, self.n_emit = len(names), len(emit_names)
         self.tokens = slices_of(list(names))  # what apply walks for layers that see all N tokens
         self.emits = slices_of(list(emit_names))  # ... and for those that see the K emitting rows
         self.pools, self.long, self.gather_min = pools, long, gather_min
+        self.kernel = kernel  # bgmv.load()'s module or None: the gather reads the pools in place
         self._which: dict = {}  # (slots, token ranges, device) -> the gather index (this plan's step only)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -66,6 +71,8 @@ class TokenPlan:
         costs several microseconds here, as much as a small GEMM): slices precomputed per plan,
         narrow instead of indexing, no casts or slices when they would change nothing, and the
         factors read from the ParameterDicts' own tables (ParameterDict.__getitem__ is a getattr)."""
+        if not self.tokens and not self.emits:  # a base-only step: nothing to add
+            return result
         embedding = layer.kind == "embedding"
         x2 = x.reshape(-1) if embedding else x.reshape(-1, x.shape[-1])  # (n,) ids or (n, in)
         n = x2.shape[0]
@@ -127,8 +134,11 @@ class TokenPlan:
         if which is None:
             which = self._which[key] = torch.tensor([k for k, (_, a, b) in zip(slots, group) for _ in range(a, b)],
                                                     device=x2.device)
-        A_sel, B_sel = pool.A.index_select(0, which), pool.B.index_select(0, which)  # (T, in, r), (T, r, out)
         T = which.shape[0]
+        if hi - lo == T and self.kernel is not None and bgmv.usable(out2, x2, pool.A):
+            self.kernel.bgmv_(out2, x2, pool.A, pool.B, which, lo)  # the same sums, no gathered copies
+            return
+        A_sel, B_sel = pool.A.index_select(0, which), pool.B.index_select(0, which)  # (T, in, r), (T, r, out)
         if hi - lo == T:  # contiguous (the engine orders a step by rank, then adapter)
             xs = x2.view(T, 1, -1) if T == x2.shape[0] else x2.narrow(0, lo, T).unsqueeze(1)  # (T, 1, in)
             if xs.dtype != A_sel.dtype:

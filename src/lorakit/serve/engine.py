@@ -19,7 +19,8 @@ One step (Engine.step, on the engine thread):
   3. order the step's sequences by adapter rank, then adapter, and lay their tokens end to end in
      one row (1, N): ids, positions, per-sequence bounds; the last token of each sequence that reaches its end emits;
   4. one forward under a TokenPlan (each adapter's tokens one slice; short slices, i.e. decoding
-     tokens, gathered per rank from slot pools: `lora_path`, see layers/tokens.py) and the KV
+     tokens, gathered per rank from slot pools: `lora_path`, see layers/tokens.py; on CPU read in place
+     by the compiled BGMV kernel when it builds: `kernel`, layers/bgmv.py) and the KV
      cache's attention (cache.py), logits only for the emitting tokens (logits_to_keep);
   5. sample per request (greedy rows: one argmax for all), detect EOS / stop strings / max_tokens /
      max_model_len, send the deltas (a Batched sink's at the end of the step: one wake-up per loop).
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import LorakitError
-from ..layers import BASE, Pools, TokenPlan, using_row_plan
+from ..layers import BASE, Pools, TokenPlan, bgmv, using_row_plan
 from .cache import SequenceKV, StepLayout, attention_configs, running
 from .sampling import SamplingParams, TextTracker, next_token
 
@@ -80,7 +81,7 @@ class Engine:
 
     def __init__(self, model, tokenizer, registry, max_batch_tokens: int = 256, max_running: int = 64,
                  max_model_len: int | None = None, metrics=None, max_wait_s: float = 2.0,
-                 lora_path: str = "ranks", gather_min: int = 4):
+                 lora_path: str = "ranks", gather_min: int = 4, kernel: str = "auto"):
         self.model, self.tokenizer, self.registry, self.metrics = model, tokenizer, registry, metrics
         self.budget, self.max_running = max(1, max_batch_tokens), max_running
         self.max_wait_s = max_wait_s
@@ -88,6 +89,11 @@ class Engine:
             raise LorakitError(f"lora_path {lora_path!r} must be one of {sorted(LORA_PATHS)}")
         self.pools = LORA_PATHS[lora_path]()  # the slot pools of this engine (None: per-adapter GEMMs only)
         self.gather_min = gather_min  # a rank's short slices in a layer from which they are gathered (TokenPlan)
+        if kernel not in ("auto", "off"):
+            raise LorakitError(f"kernel {kernel!r} must be 'auto' (the compiled BGMV kernel when it builds) or 'off'")
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        # the gather reads the pools in place (layers/bgmv.py); built here, before the first request
+        self.kernel = bgmv.load() if kernel == "auto" and self.pools is not None and on_cpu else None
         self.max_model_len = max_model_len or getattr(model.config, "max_position_embeddings", None) or 2048
         self.eos = _eos_ids(model, tokenizer)
         self.configs = attention_configs(model)
@@ -200,7 +206,7 @@ class Engine:
             bounds.append((lo, len(ids)))
             if req.kv.length + len(tokens) == len(req.prompt_ids) + len(req.out_ids):
                 emit.append((req, len(ids) - 1))
-        plan = TokenPlan(names, [names[i] for _, i in emit], self.pools, gather_min=self.gather_min)
+        plan = TokenPlan(names, [names[i] for _, i in emit], self.pools, gather_min=self.gather_min, kernel=self.kernel)
         layout = StepLayout([req.kv for req, _ in batch], bounds)
         device = next(self.model.parameters()).device
         with torch.inference_mode(), using_row_plan(plan), running(self.configs, layout):

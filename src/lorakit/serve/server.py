@@ -34,7 +34,8 @@ def _need_extra():
 def build(model, tokenizer, name: str, adapters=None, max_loaded: int | str = 8, api_key: str | None = None,
           admin_key: str | None = None, max_batch_tokens: int = 256, max_queue: int = 256,
           max_model_len: int | None = None, start: bool = True, host_cache_bytes: int | str = "1GiB",
-          rescan_s: float | None = 2.0, max_wait_s: float = 2.0, max_running: int = 64, lora_path: str = "ranks"):
+          rescan_s: float | None = 2.0, max_wait_s: float = 2.0, max_running: int = 64, lora_path: str = "ranks",
+          lora_kernel: str = "auto"):
     """(FastAPI app, engine) serving `model` under `name` and each adapter folder of `adapters`.
 
     max_loaded: resident adapters, a count (8) or bytes of adapter tensors ("256MB"); host_cache_bytes:
@@ -42,7 +43,8 @@ def build(model, tokenizer, name: str, adapters=None, max_loaded: int | str = 8,
     folders are also looked up when asked for); max_wait_s: the scheduler's bound on preferring
     resident adapters over a waiting request; lora_path: how decoding tokens of many adapters run
     ("ranks": gathered per rank from slot pools, "padded": one pool at the largest rank, "segments":
-    per-adapter GEMMs; see docs/benchmarks.md)."""
+    per-adapter GEMMs; see docs/benchmarks.md); lora_kernel: "auto" reads the pools in place with the
+    compiled BGMV kernel on CPU when it builds (layers/bgmv.py), "off" uses the torch gather."""
     _need_extra()
     from .app import Settings, create_app
     from .engine import Engine
@@ -54,7 +56,7 @@ def build(model, tokenizer, name: str, adapters=None, max_loaded: int | str = 8,
     metrics = Metrics(lambda adapter: name if adapter == BASE else adapter)
     engine = Engine(model, tokenizer, registry, max_batch_tokens=max_batch_tokens, max_model_len=max_model_len,
                     metrics=metrics, max_wait_s=max_wait_s, max_running=max_running,
-                    lora_path=lora_path)
+                    lora_path=lora_path, kernel=lora_kernel)
     settings = Settings(name, api_key, admin_key, max_queue, engine.max_model_len)
     app = create_app(engine, settings, metrics)
     if start:
