@@ -76,3 +76,27 @@ def test_bf16_layers_take_the_torch_gather(kernel):
     with torch.inference_mode(), using_row_plan(TokenPlan(names, ["c"], Pools(), gather_min=1, kernel=Refusing())):
         got = layer(x)[0]
     torch.testing.assert_close(got.float(), formula(layer.float(), x.float(), names), atol=0.1, rtol=0.05)
+
+
+def test_with_grad_the_torch_gather_runs(kernel):
+    """Under autograd the kernel (which writes outside it) is not used: gradients reach the input."""
+    layer = layer_with({"a": 4, "b": 4, "c": 4})
+    names = ["a", "b", "c"]
+    x = torch.randn(1, 3, 12, requires_grad=True)
+
+    class Refusing:
+        def bgmv_(self, *args):
+            raise AssertionError("the kernel ran under autograd")
+
+    with using_row_plan(TokenPlan(names, ["c"], Pools(), gather_min=1, kernel=Refusing())):
+        got = layer(x)[0]
+    got.sum().backward()
+    torch.testing.assert_close(got, formula(layer, x, names), atol=1e-5, rtol=1e-5)
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_a_kernel_write_bumps_the_version_counter(kernel):
+    A, B, x, out = torch.randn(2, 4, 2), torch.randn(2, 2, 3), torch.randn(3, 4), torch.zeros(3, 3)
+    before = out._version
+    kernel.bgmv_(out, x, A, B, torch.tensor([0, 1]), 1)
+    assert out._version == before + 1

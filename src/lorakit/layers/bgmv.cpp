@@ -51,6 +51,7 @@ void bgmv_(torch::Tensor out, const torch::Tensor& x, const torch::Tensor& A, co
       }
     }
   });
+  if (!out.is_inference()) out.unsafeGetTensorImpl()->bump_version();  // an in-place write, as add_ would record
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

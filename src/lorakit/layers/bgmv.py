@@ -71,5 +71,7 @@ def _build():
 
 
 def usable(out2: torch.Tensor, x2: torch.Tensor, A: torch.Tensor) -> bool:
-    """Whether the kernel takes this layer's step: fp32 on CPU throughout (else the torch gather)."""
-    return out2.dtype == x2.dtype == A.dtype == torch.float32 and A.device.type == "cpu" and x2.stride(-1) == 1
+    """Whether the kernel takes this layer's step: fp32 on CPU throughout, rows contiguous, and nothing for
+    autograd to follow (the kernel writes outside it); else the torch gather."""
+    return (out2.dtype == x2.dtype == A.dtype == torch.float32 and A.device.type == "cpu" and x2.stride(-1) == 1
+            and not (out2.requires_grad or x2.requires_grad))
