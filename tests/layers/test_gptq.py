@@ -209,7 +209,7 @@ def test_in_place_merge_is_refused_with_the_way_out(checkpoints, method):
 def test_default_cpu_kernel_stays_trainable_after_an_inference_forward(checkpoints, method):
     """gptqmodel's default CPU kernel (aten int4) repacks at its first no-grad eval forward, after which a
     layer's output has no grad_fn: an un-adapted k_proj would cut the gradient to the adapters before it."""
-    model = add(load(checkpoints, method, torch.bfloat16, backend="auto"))
+    model = add(load(checkpoints, method, torch.bfloat16, backend="auto_trainable"))  # what load_model asks for
     attn = model.model.layers[0].self_attn
     assert type(attn.q_proj.base_layer).__name__ in ("TorchAtenLinear", "TorchAtenAwqLinear")
     x = ids(5)
@@ -227,10 +227,42 @@ def test_default_cpu_kernel_stays_trainable_after_an_inference_forward(checkpoin
 
 @needs_gptq
 def test_a_kernel_repacked_before_the_adapter_is_refused(checkpoints):
-    model = load(checkpoints, "gptq", torch.bfloat16, backend="auto")
+    model = load(checkpoints, "gptq", torch.bfloat16, backend="auto_trainable")
     logits(model, ids(6))  # aten's int4 layout from now on
     with pytest.raises(LorakitError, match="backend='torch'"):
         add(model)
+
+
+@needs_gptq
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_the_loader_asks_for_a_trainable_kernel(checkpoints, method):
+    """gptqmodel's "auto" picks an inference-only AVX-512 kernel on CPUs with AVX512-BF16 (training then
+    failed inside gptqmodel on such machines only); lorakit's loader asks for "auto_trainable" and keeps
+    the checkpoint's own settings."""
+    from transformers import AutoModelForCausalLM
+    from lorakit.models.load import _trainable_kernel
+    kw = _trainable_kernel(str(checkpoints / method))
+    assert kw["quantization_config"].backend == "auto_trainable"
+    model = AutoModelForCausalLM.from_pretrained(checkpoints / method, dtype=torch.bfloat16, **kw)
+    layers = [m for m in model.modules() if gptq_layers.is_gptq_layer(m)]
+    assert layers and all(getattr(type(m), "SUPPORTS_TRAINING", True) is not False for m in layers)
+    assert all(m.group_size == GROUP and m.bits == 4 for m in layers)
+    model = add(model)
+    train(model, steps=2)  # trains
+    assert _trainable_kernel(str(checkpoints / "fp")) == {}  # not quantized: nothing asked
+
+
+@needs_gptq
+def test_training_an_inference_only_kernel_is_refused_with_the_way_out(checkpoints, monkeypatch):
+    from lorakit.train.loop import run
+    from lorakit.train.state import TrainState
+    model = add(load(checkpoints, "gptq"))
+    layer = next(m for m in model.modules() if gptq_layers.is_gptq_layer(m))
+    monkeypatch.setattr(type(layer), "SUPPORTS_TRAINING", False)  # as gptqmodel's AVX-512 kernels declare
+    with pytest.raises(LorakitError, match="inference-only GPTQ kernel.*backend='auto_trainable'"):
+        gptq_layers.refuse_inference_only(model)
+    with pytest.raises(LorakitError, match="inference-only"):
+        run(model, None, None, iter(()), steps=1, state=TrainState())
 
 
 @needs_gptq

@@ -78,6 +78,18 @@ def prepare_gptq_base(base: nn.Module) -> None:
         base.linear_mode = "train"  # LinearMode is a str enum: "train" == LinearMode.TRAIN
 
 
+def refuse_inference_only(model: nn.Module) -> None:
+    """Before training: a LorakitError naming the way out if a gptqmodel layer of `model` is an
+    inference-only kernel (SUPPORTS_TRAINING = False: the AVX-512 CPU kernels that gptqmodel's "auto"
+    backend picks on CPUs with AVX512-BF16), instead of gptqmodel's NotImplementedError from train()."""
+    for name, module in model.named_modules():
+        if is_gptq_layer(module) and getattr(type(module), "SUPPORTS_TRAINING", True) is False:
+            raise LorakitError(f"{name} is {type(module).__name__}, an inference-only {quant_method(module).upper()} "
+                               "kernel, so the model cannot train; load it with quantization_config="
+                               "GPTQConfig(bits=..., backend='auto_trainable') (AWQ: AwqConfig(..., "
+                               "backend='auto_trainable')), as lorakit's own loader does for GPTQ and AWQ checkpoints")
+
+
 def keep_trainable(model: nn.Module) -> None:
     """prepare_gptq_base on every gptqmodel layer of `model`, adapted or not (called by add_adapter).
 

@@ -64,7 +64,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device=None,
     dtype: torch dtype or "fp32"/"bf16"/"fp16"; default fp32 on CPU, bf16 on CUDA when
     the GPU supports it. device: default "cuda" when available, else "cpu". Extra
     kwargs (e.g. quantization_config, attn_implementation) go to from_pretrained; with
-    quantization_config or device_map the model is left where transformers put it.
+    quantization_config or device_map the model is left where transformers put it. A GPTQ / AWQ
+    checkpoint without a quantization_config here gets gptqmodel's trainable kernel (_trainable_kernel).
     The tokenizer always has a pad token (eos, else unk). The model is in eval mode.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -73,17 +74,39 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device=None,
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _pick_dtype(dtype, device)
     is_local = Path(location).is_dir()
+    placed = {"quantization_config", "device_map"} & from_pretrained_kwargs.keys()  # the caller's placement
     with quiet_progress(is_local), _friendly_load_errors(name_or_path, location):
         tokenizer = AutoTokenizer.from_pretrained(location)
+        if "quantization_config" not in from_pretrained_kwargs:
+            from_pretrained_kwargs.update(_trainable_kernel(location))
         model = AutoModelForCausalLM.from_pretrained(
             location, dtype=dtype, **from_pretrained_kwargs)
-    placed = {"quantization_config", "device_map"} & from_pretrained_kwargs.keys()
     if not placed:
         model.to(device)
     _ensure_pad_token(tokenizer, name_or_path)
     model.eval()
     return model, tokenizer
 
+
+
+def _trainable_kernel(location: str) -> dict:
+    """For a GPTQ or AWQ checkpoint, from_pretrained's quantization_config asking gptqmodel for a kernel that
+    can train ("auto_trainable"); else nothing. Its "auto" picks an inference-only AVX-512 kernel on CPUs
+    with AVX512-BF16, so the same checkpoint trained on one machine and failed on another; the rest of
+    the checkpoint's quantization settings are kept (transformers merges only the loading attributes).
+    Pass quantization_config yourself for another kernel."""
+    from transformers import AutoConfig
+    saved = getattr(AutoConfig.from_pretrained(location), "quantization_config", None)
+    saved = saved.to_dict() if hasattr(saved, "to_dict") else saved
+    method = str((saved or {}).get("quant_method", "")).lower()
+    if method == "gptq":
+        from transformers import GPTQConfig
+        return {"quantization_config": GPTQConfig(bits=saved.get("bits", 4), backend="auto_trainable")}
+    if method == "awq":
+        from transformers import AwqConfig
+        return {"quantization_config": AwqConfig(bits=saved.get("bits", 4), group_size=saved.get("group_size", 128),
+                                                 backend="auto_trainable")}
+    return {}
 
 
 def _pick_dtype(dtype, device: torch.device) -> torch.dtype:

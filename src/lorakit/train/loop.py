@@ -26,6 +26,7 @@ from ..data import batching
 from ..errors import LorakitError
 from ..eval.losses import token_loss_sum
 from ..layers import recompute
+from ..layers.gptq import refuse_inference_only
 from ..models import attention
 from .state import TrainState
 
@@ -105,6 +106,7 @@ def run(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, micro: It
     """
     ranks = ranks or OneProcess()
     device = device or next(model.parameters()).device
+    refuse_inference_only(model)
     model.train()
     while state.step < steps:
         started = time.time()
