@@ -77,6 +77,7 @@ def test_sigterm_drains_mid_stream_then_exits_0(tiny_model_dir, adapters_dir, tm
                and "prompt_tokens=" in ln for ln in done), lines
     assert any("model=a1" in ln and "completion_tokens=2" in ln for ln in done)
     assert any("status=503" in ln for ln in lines) and any("draining" in ln for ln in lines)
+    assert any("mixed-adapter decoding: the BGMV kernel" in ln for ln in lines)  # the CPU default, built
 
 
 def test_one_log_line_per_request_and_503_while_draining(server, caplog):

@@ -80,6 +80,8 @@ def serve(model: str, adapters=None, host: str = "127.0.0.1", port: int = 8000, 
         extend(app)
     log = logging.getLogger("lorakit.serve")
     log.info("serving %r and adapters %s on http://%s:%d/v1", model, engine.registry.names(), host, port)
+    log.info("mixed-adapter decoding: %s", "the BGMV kernel" if engine.kernel is not None else
+             "per-adapter GEMMs" if engine.pools is None else "the torch gather")
     for folder, why in engine.registry.skipped.items():
         log.warning("not serving %s: %s", folder, why)
     server = _draining_server(uvicorn, app, engine, host, port)
