@@ -239,9 +239,9 @@ def test_the_loader_asks_for_a_trainable_kernel(checkpoints, method):
     """gptqmodel's "auto" picks an inference-only AVX-512 kernel on CPUs with AVX512-BF16 (training then
     failed inside gptqmodel on such machines only); lorakit's loader asks for "auto_trainable" and keeps
     the checkpoint's own settings."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
     from lorakit.models.load import _trainable_kernel
-    kw = _trainable_kernel(str(checkpoints / method))
+    kw = _trainable_kernel(AutoConfig.from_pretrained(checkpoints / method))
     assert kw["quantization_config"].backend == "auto_trainable"
     model = AutoModelForCausalLM.from_pretrained(checkpoints / method, dtype=torch.bfloat16, **kw)
     layers = [m for m in model.modules() if gptq_layers.is_gptq_layer(m)]
@@ -249,7 +249,7 @@ def test_the_loader_asks_for_a_trainable_kernel(checkpoints, method):
     assert all(m.group_size == GROUP and m.bits == 4 for m in layers)
     model = add(model)
     train(model, steps=2)  # trains
-    assert _trainable_kernel(str(checkpoints / "fp")) == {}  # not quantized: nothing asked
+    assert _trainable_kernel(AutoConfig.from_pretrained(checkpoints / "fp")) == {}  # not quantized: nothing asked
 
 
 @needs_gptq

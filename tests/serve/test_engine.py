@@ -298,3 +298,5 @@ def test_engine_kernel_setting():
         Engine(model, Tok(), Registry(model, None, "tiny"), kernel="fast")
     assert Engine(model, Tok(), Registry(model, None, "tiny"), kernel="off").kernel is None
     assert Engine(model, Tok(), Registry(model, None, "tiny"), lora_path="segments").kernel is None
+    half = tiny_llama().to(torch.bfloat16)  # the kernel is fp32 only: not built for a bf16 model
+    assert Engine(half, Tok(), Registry(half, None, "tiny")).kernel is None

@@ -78,7 +78,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device=None,
     with quiet_progress(is_local), _friendly_load_errors(name_or_path, location):
         tokenizer = AutoTokenizer.from_pretrained(location)
         if "quantization_config" not in from_pretrained_kwargs:
-            from_pretrained_kwargs.update(_trainable_kernel(location))
+            # config.json read here too (not passed on as config=, which would change how from_pretrained
+            # treats config-attribute kwargs): a few KB beside the weights
+            from transformers import AutoConfig
+            from_pretrained_kwargs.update(_trainable_kernel(AutoConfig.from_pretrained(location)))
         model = AutoModelForCausalLM.from_pretrained(
             location, dtype=dtype, **from_pretrained_kwargs)
     if not placed:
@@ -89,14 +92,13 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device=None,
 
 
 
-def _trainable_kernel(location: str) -> dict:
+def _trainable_kernel(config) -> dict:
     """For a GPTQ or AWQ checkpoint, from_pretrained's quantization_config asking gptqmodel for a kernel that
-    can train ("auto_trainable"); else nothing. Its "auto" picks an inference-only AVX-512 kernel on CPUs
+    can train ("auto_trainable"), from the checkpoint's `config`; else nothing. Its "auto" picks an inference-only AVX-512 kernel on CPUs
     with AVX512-BF16, so the same checkpoint trained on one machine and failed on another; the rest of
     the checkpoint's quantization settings are kept (transformers merges only the loading attributes).
     Pass quantization_config yourself for another kernel."""
-    from transformers import AutoConfig
-    saved = getattr(AutoConfig.from_pretrained(location), "quantization_config", None)
+    saved = getattr(config, "quantization_config", None)
     saved = saved.to_dict() if hasattr(saved, "to_dict") else saved
     method = str((saved or {}).get("quant_method", "")).lower()
     if method == "gptq":

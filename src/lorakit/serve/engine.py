@@ -91,9 +91,10 @@ class Engine:
         self.gather_min = gather_min  # a rank's short slices in a layer from which they are gathered (TokenPlan)
         if kernel not in ("auto", "off"):
             raise LorakitError(f"kernel {kernel!r} must be 'auto' (the compiled BGMV kernel when it builds) or 'off'")
-        on_cpu = next(model.parameters()).device.type == "cpu"
+        first = next(model.parameters())
+        fp32_cpu = first.device.type == "cpu" and first.dtype == torch.float32  # where the kernel can run
         # the gather reads the pools in place (layers/bgmv.py); built here, before the first request
-        self.kernel = bgmv.load() if kernel == "auto" and self.pools is not None and on_cpu else None
+        self.kernel = bgmv.load() if kernel == "auto" and self.pools is not None and fp32_cpu else None
         self.max_model_len = max_model_len or getattr(model.config, "max_position_embeddings", None) or 2048
         self.eos = _eos_ids(model, tokenizer)
         self.configs = attention_configs(model)
